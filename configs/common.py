@@ -1,0 +1,169 @@
+"""Shared config pieces: variant parsing, validation, data sections, mesh presets.
+
+Configs are Python files with `get_config(arg)` (big_vision style). The variant string after
+the colon is parsed by `parse_arg`: `configs/face_latent.py:size=tiny`. Any field can then be
+overridden on the command line (`--config.data.batch_size=8`); configs are locked, so a
+misspelt field is an error, never silently added.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+SIZES = ("tiny", "small", "full")
+
+
+class ConfigError(ValueError):
+    """A config value that is out of range, of the wrong kind, or inconsistent."""
+
+
+def _convert(value: str, like: Any) -> Any:
+    if isinstance(like, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ConfigError(f"expected a boolean, got {value!r}")
+    if isinstance(like, int):
+        return int(value)
+    if isinstance(like, float):
+        return float(value)
+    return value
+
+
+def parse_arg(arg: str | None, *, choices: dict[str, tuple] | None = None, **defaults):
+    """Parses 'key=value,key=value' against `defaults`; unknown keys are errors.
+
+    Values are converted to the type of their default. `choices` restricts values.
+    Returns a ConfigDict of the result.
+    """
+    result = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        if "=" not in item:
+            raise ConfigError(f"config argument {item!r} is not key=value")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in defaults:
+            raise ConfigError(
+                f"unknown config argument {key!r}; known: {sorted(defaults)}"
+            )
+        result[key] = _convert(value, defaults[key])
+    for key, allowed in (choices or {}).items():
+        if result[key] not in allowed:
+            raise ConfigError(f"{key}={result[key]!r} is not one of {allowed}")
+    return ml_collections.ConfigDict(result)
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_choice(value: Any, allowed: tuple, name: str) -> None:
+    check(value in allowed, f"{name}={value!r} is not one of {allowed}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def data_stage1(size: str) -> ml_collections.ConfigDict:
+    """Stage-1 loader: (source, driving same clip, cross-identity driving) frame triplets."""
+    d = ml_collections.ConfigDict()
+    d.path = ""  # clip-record dataset folder (data_pipeline.schema)
+    d.split = "train"
+    d.image_size = {"tiny": 64, "small": 256, "full": 512}[size]
+    d.batch_size = {"tiny": 8, "small": 16, "full": 16}[size]  # global, over all processes
+    d.num_workers = {"tiny": 0, "small": 4, "full": 8}[size]  # grain worker processes
+    d.prefetch = 2  # batches each worker keeps ready
+    d.seed = 0
+    d.aug = ml_collections.ConfigDict(
+        dict(
+            scale=0.06,  # random zoom in [1 - s, 1 + s]
+            shift=0.04,  # random translation, fraction of the side
+            brightness=0.15,
+            contrast=0.15,
+            saturation=0.15,
+            hue=0.03,  # fraction of the colour circle
+        )
+    )
+    return d
+
+
+def data_stage2(size: str) -> ml_collections.ConfigDict:
+    """Stage-2 loader: windows of W motion frames with the K frames before them."""
+    d = ml_collections.ConfigDict()
+    d.path = ""
+    d.split = "train"
+    d.batch_size = {"tiny": 16, "small": 64, "full": 128}[size]
+    d.num_workers = {"tiny": 0, "small": 4, "full": 8}[size]
+    d.prefetch = 2
+    d.seed = 0
+    d.window = 50  # W frames generated per window (25 fps)
+    d.context = 10  # K frames of previous motion/audio given as context
+    # Where per-frame motion vectors come from: "labels" (SynthTalk ground truth) or
+    # "features:<name>" (e.g. features:motion, written by extract_latents from stage 1).
+    d.motion_source = "labels"
+    # Audio features: "mel" (computed from the record's audio) or "features:<name>".
+    d.audio_source = "mel"
+    d.audio = audio_config()
+    return d
+
+
+def audio_config() -> ml_collections.ConfigDict:
+    """Audio frontend (vasa_jax.audio) settings; features are aligned to video frames."""
+    a = ml_collections.ConfigDict()
+    a.frontend = "mel"  # "mel" | "wav2vec2"
+    a.sample_rate = 16000
+    a.fps = 25.0
+    a.n_mels = 80
+    a.wav2vec2_path = ""  # local Hugging Face folder (config.json + model.safetensors)
+    a.wav2vec2_layer = -1  # hidden-state layer; -1 = last
+    return a
+
+
+def validate_data(d: ml_collections.ConfigDict) -> None:
+    check_choice(d.split, ("train", "test"), "data.split")
+    check(d.batch_size > 0, f"data.batch_size must be > 0, got {d.batch_size}")
+    check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    if "window" in d:
+        check(d.window > 0, f"data.window must be > 0, got {d.window}")
+        check(d.context >= 0, f"data.context must be >= 0, got {d.context}")
+        for name in ("motion_source", "audio_source"):
+            value = d[name]
+            ok = value in ("labels", "mel") or value.startswith("features:")
+            check(ok, f"data.{name}={value!r}: use 'labels'/'mel' or 'features:<name>'")
+        check_choice(d.audio.frontend, ("mel", "wav2vec2"), "data.audio.frontend")
+
+
+# ----------------------------------------------------------------------------- parallelism
+
+
+def mesh_config(kind: str) -> ml_collections.ConfigDict:
+    """Mesh axes and logical-axis rules. -1 = all remaining devices.
+
+    Conv-heavy stage 1 is data parallel (fsdp shards big params); the transformer stage
+    adds tensor parallelism over heads / mlp.
+    """
+    m = ml_collections.ConfigDict()
+    m.axes = (("data", -1), ("fsdp", 1), ("tensor", 1))
+    if kind == "conv":
+        m.rules = (
+            ("batch", ("data", "fsdp")),
+            ("conv_in", None),
+            ("conv_out", "fsdp"),
+            ("embed", "fsdp"),
+            ("mlp", None),
+        )
+    elif kind == "transformer":
+        m.rules = (
+            ("batch", ("data", "fsdp")),
+            ("embed", "fsdp"),
+            ("mlp", "tensor"),
+            ("heads", "tensor"),
+            ("kv", None),
+            ("length", None),
+        )
+    else:
+        raise ConfigError(f"unknown mesh kind {kind!r}")
+    return m

@@ -1,0 +1,1 @@
+"""Data pipeline: SynthTalk corpus, clip records (ArrayRecord), grain loaders."""

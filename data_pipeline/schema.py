@@ -1,0 +1,368 @@
+"""The clip record: one format for synthetic (SynthTalk) and real talking-face clips.
+
+A dataset is a folder::
+
+    DIR/dataset.json                         # DatasetInfo: source, fps, rate, size, splits
+    DIR/{split}-{i:05d}-of-{n:05d}.array_record   # one record per clip
+
+Each ArrayRecord record is one clip, msgpack-encoded (`encode_clip` / `decode_clip`):
+
+==============  ==========================  ===========================================
+field           type                        meaning
+==============  ==========================  ===========================================
+version         int                         `FORMAT_VERSION`
+clip_id         str                         unique within the dataset
+identity_id     int                         speaker / face identity (dense, 0-based)
+source          str                         "synthtalk", "voxceleb2", ...
+split           str                         "train" or "test"
+fps             float                       video frame rate (25)
+sample_rate     int                         audio rate (16000)
+frame_format    str                         "jpeg" or "png"
+height, width   int                         frame size (square crops: H == W)
+frames          list[bytes]                 T encoded RGB frames
+audio           int16 [N]                   mono PCM; N ~= T / fps * sample_rate
+labels          dict[str, array [T, ...]]   per-frame ground truth when known (LABELS)
+features        dict[str, array [T, ...]]   precomputed per-frame features, e.g. stage-1
+                                            motion latents "motion" or audio features
+attrs           dict                        JSON-able extras (spoken text, voice, ...)
+==============  ==========================  ===========================================
+
+Per-frame labels (all float32 unless noted; any subset may be present):
+
+- ``pose`` [T, 6]: yaw, pitch, roll (degrees), tx, ty, tz (camera frame, head-radius
+  units; +x image right, +y image up, +z away from the camera).
+- ``gaze`` [T, 2]: theta (vertical, + up), phi (horizontal, + towards image right) of the
+  eyes' gaze direction in the camera frame, degrees; (0, 0) looks into the lens.
+- ``blink`` [T] 0 open .. 1 closed; ``brow`` [T] 0 rest .. 1 raised.
+- ``mouth_open`` [T] 0 closed .. 1 wide; ``mouth_width`` [T] 0 narrow .. 1 wide (smile);
+  ``mouth_round`` [T] 0 .. 1 (rounded lips, "oo").
+- ``emotion`` int32 [T]: index into EMOTIONS; ``emotion_probs`` [T, len(EMOTIONS)].
+- ``distance`` [T]: head-to-camera distance over the dataset's nominal distance (1 = usual).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import cv2
+import msgpack
+import numpy as np
+
+FORMAT_VERSION = 1
+FPS = 25.0
+SAMPLE_RATE = 16000
+SPLITS = ("train", "test")
+FRAME_FORMATS = ("jpeg", "png")
+
+# AffectNet's 8 classes (what HSEmotion predicts); fer's 7 are a subset (no contempt).
+EMOTIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
+
+# name -> trailing shape of the per-frame label (after the leading T).
+LABELS: dict[str, tuple[int, ...]] = {
+    "pose": (6,),
+    "gaze": (2,),
+    "blink": (),
+    "brow": (),
+    "mouth_open": (),
+    "mouth_width": (),
+    "mouth_round": (),
+    "emotion": (),
+    "emotion_probs": (len(EMOTIONS),),
+    "distance": (),
+}
+POSE_NAMES = ("yaw", "pitch", "roll", "tx", "ty", "tz")
+
+DATASET_INFO = "dataset.json"
+SHARD_SUFFIX = ".array_record"
+
+
+class CorruptRecordError(ValueError):
+    """A record that cannot be decoded or whose fields are inconsistent."""
+
+
+@dataclasses.dataclass
+class Clip:
+    """One talking-face clip. Frames stay encoded until `decode_frames` is called."""
+
+    clip_id: str
+    identity_id: int
+    frames: list[bytes]
+    audio: np.ndarray  # float32 [N] in [-1, 1]
+    source: str = "synthtalk"
+    split: str = "train"
+    fps: float = FPS
+    sample_rate: int = SAMPLE_RATE
+    frame_format: str = "jpeg"
+    height: int = 0
+    width: int = 0
+    labels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    features: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+    @property
+    def seconds(self) -> float:
+        return self.num_frames / self.fps
+
+    def decode_frames(self, indices: Iterable[int] | None = None) -> np.ndarray:
+        """Decoded RGB frames: uint8 [len(indices), H, W, 3] (all frames by default)."""
+        idx = range(self.num_frames) if indices is None else indices
+        return np.stack([decode_frame(self.frames[i]) for i in idx])
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+def encode_frame(rgb: np.ndarray, frame_format: str = "jpeg", quality: int = 95) -> bytes:
+    """uint8 [H, W, 3] RGB -> JPEG/PNG bytes."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected uint8 [H, W, 3], got {rgb.dtype} {rgb.shape}")
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    if frame_format == "jpeg":
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    elif frame_format == "png":
+        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    else:
+        raise ValueError(f"frame_format must be one of {FRAME_FORMATS}, got {frame_format!r}")
+    if not ok:
+        raise RuntimeError("cv2.imencode failed")
+    return buf.tobytes()
+
+
+def decode_frame(data: bytes) -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 [H, W, 3] RGB. Raises CorruptRecordError on bad bytes."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise CorruptRecordError("frame bytes do not decode as an image")
+    return img[..., ::-1]
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _pack_array(x: np.ndarray) -> dict:
+    x = np.ascontiguousarray(x)
+    return {"dtype": x.dtype.str, "shape": list(x.shape), "data": x.tobytes()}
+
+
+def _unpack_array(d: Mapping) -> np.ndarray:
+    try:
+        return np.frombuffer(d["data"], dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptRecordError(f"bad array field: {e}") from e
+
+
+def audio_to_pcm16(audio: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def encode_clip(clip: Clip) -> bytes:
+    """Clip -> record bytes. Validates the clip first (see `validate_clip`)."""
+    validate_clip(clip)
+    rec = {
+        "version": FORMAT_VERSION,
+        "clip_id": clip.clip_id,
+        "identity_id": int(clip.identity_id),
+        "source": clip.source,
+        "split": clip.split,
+        "fps": float(clip.fps),
+        "sample_rate": int(clip.sample_rate),
+        "frame_format": clip.frame_format,
+        "height": int(clip.height),
+        "width": int(clip.width),
+        "frames": list(clip.frames),
+        "audio": _pack_array(audio_to_pcm16(clip.audio)),
+        "labels": {k: _pack_array(v) for k, v in clip.labels.items()},
+        "features": {k: _pack_array(v) for k, v in clip.features.items()},
+        "attrs": json.dumps(clip.attrs),
+    }
+    return msgpack.packb(rec, use_bin_type=True)
+
+
+def decode_clip(data: bytes) -> Clip:
+    """Record bytes -> Clip. Raises CorruptRecordError for anything malformed."""
+    try:
+        rec = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise CorruptRecordError(f"record is not valid msgpack: {e}") from e
+    if not isinstance(rec, dict):
+        raise CorruptRecordError("record is not a mapping")
+    if rec.get("version") != FORMAT_VERSION:
+        raise CorruptRecordError(f"unsupported record version {rec.get('version')!r}")
+    try:
+        clip = Clip(
+            clip_id=str(rec["clip_id"]),
+            identity_id=int(rec["identity_id"]),
+            source=str(rec["source"]),
+            split=str(rec["split"]),
+            fps=float(rec["fps"]),
+            sample_rate=int(rec["sample_rate"]),
+            frame_format=str(rec["frame_format"]),
+            height=int(rec["height"]),
+            width=int(rec["width"]),
+            frames=list(rec["frames"]),
+            audio=_unpack_array(rec["audio"]).astype(np.float32) / 32767.0,
+            labels={k: _unpack_array(v) for k, v in rec["labels"].items()},
+            features={k: _unpack_array(v) for k, v in rec["features"].items()},
+            attrs=json.loads(rec["attrs"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, CorruptRecordError):
+            raise
+        raise CorruptRecordError(f"record field missing or malformed: {e!r}") from e
+    validate_clip(clip)
+    return clip
+
+
+def validate_clip(clip: Clip) -> None:
+    """Checks field consistency (not the image bytes; `decode_frame` checks those)."""
+    t = clip.num_frames
+    if t == 0:
+        raise CorruptRecordError(f"{clip.clip_id}: clip has no frames")
+    if not all(isinstance(f, (bytes, bytearray)) and len(f) > 0 for f in clip.frames):
+        raise CorruptRecordError(f"{clip.clip_id}: empty or non-bytes frame")
+    if clip.split not in SPLITS:
+        raise CorruptRecordError(f"{clip.clip_id}: split {clip.split!r} not in {SPLITS}")
+    if clip.frame_format not in FRAME_FORMATS:
+        raise CorruptRecordError(f"{clip.clip_id}: frame_format {clip.frame_format!r}")
+    if clip.fps <= 0 or clip.sample_rate <= 0 or clip.height <= 0 or clip.width <= 0:
+        raise CorruptRecordError(f"{clip.clip_id}: non-positive fps/sample_rate/size")
+    if clip.audio.ndim != 1:
+        raise CorruptRecordError(f"{clip.clip_id}: audio must be mono [N], got {clip.audio.shape}")
+    expected = t / clip.fps * clip.sample_rate
+    if abs(len(clip.audio) - expected) > clip.sample_rate / clip.fps + 1:
+        raise CorruptRecordError(
+            f"{clip.clip_id}: {len(clip.audio)} audio samples for {t} frames "
+            f"(expected ~{expected:.0f})"
+        )
+    for name, arr in clip.labels.items():
+        if name not in LABELS:
+            raise CorruptRecordError(f"{clip.clip_id}: unknown label {name!r}")
+        if arr.shape != (t, *LABELS[name]):
+            raise CorruptRecordError(
+                f"{clip.clip_id}: label {name} has shape {arr.shape}, "
+                f"expected {(t, *LABELS[name])}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise CorruptRecordError(f"{clip.clip_id}: label {name} has non-finite values")
+    for name, arr in clip.features.items():
+        if arr.ndim < 1 or arr.shape[0] != t:
+            raise CorruptRecordError(
+                f"{clip.clip_id}: feature {name} has shape {arr.shape}, needs leading T={t}"
+            )
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+    """Contents of DIR/dataset.json."""
+
+    source: str
+    height: int
+    width: int
+    fps: float = FPS
+    sample_rate: int = SAMPLE_RATE
+    num_identities: int = 0
+    clips: dict[str, int] = dataclasses.field(default_factory=dict)  # split -> count
+    labels: list[str] = dataclasses.field(default_factory=list)
+    features: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # name -> shape[1:]
+    emotions: list[str] = dataclasses.field(default_factory=lambda: list(EMOTIONS))
+    version: int = FORMAT_VERSION
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. generator args
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, DATASET_INFO), "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, directory: str) -> "DatasetInfo":
+        path = os.path.join(directory, DATASET_INFO)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} not found: {directory!r} is not a clip-record dataset "
+                "(make one with `python -m data_pipeline.synthtalk` or the preprocessing tools)"
+            )
+        with open(path) as f:
+            d = json.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    return f"{split}-{index:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
+
+
+def list_shards(directory: str, split: str | None = None) -> list[str]:
+    """Sorted shard paths of one split (or all splits). Raises if there are none."""
+    splits = SPLITS if split is None else (split,)
+    files = sorted(
+        p for s in splits for p in glob.glob(os.path.join(directory, f"{s}-*{SHARD_SUFFIX}"))
+    )
+    if not files:
+        raise FileNotFoundError(f"no {split or 'any'}-split shards in {directory!r}")
+    return files
+
+
+class ShardWriter:
+    """Writes encoded clips round-robin into `num_shards` ArrayRecord files of one split.
+
+    Use as a context manager; files are complete only after close().
+    """
+
+    def __init__(self, directory: str, split: str, num_shards: int = 1):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        os.makedirs(directory, exist_ok=True)
+        self.paths = [
+            os.path.join(directory, shard_name(split, i, num_shards)) for i in range(num_shards)
+        ]
+        # group_size:1 keeps random access cheap (grain reads single records).
+        self._writers = [ArrayRecordWriter(p, "group_size:1") for p in self.paths]
+        self.count = 0
+
+    def write(self, record: bytes) -> None:
+        self._writers[self.count % len(self._writers)].write(record)
+        self.count += 1
+
+    def close(self) -> None:
+        for w in self._writers:
+            w.close()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_clips(directory: str, clips: Sequence[Clip], num_shards: int = 1) -> dict[str, int]:
+    """Writes clips into their splits' shards; returns split -> count. Small-data helper."""
+    counts: dict[str, int] = {}
+    for split in SPLITS:
+        chosen = [c for c in clips if c.split == split]
+        if not chosen:
+            continue
+        with ShardWriter(directory, split, min(num_shards, len(chosen))) as w:
+            for c in chosen:
+                w.write(encode_clip(c))
+        counts[split] = len(chosen)
+    return counts
+
+
+def read_records(paths: Sequence[str]) -> "Any":
+    """Random-access source of raw record bytes over shard files (a grain data source)."""
+    import grain
+
+    return grain.sources.ArrayRecordDataSource(list(paths))
