@@ -119,6 +119,10 @@ def audio_config() -> ml_collections.ConfigDict:
     a.n_mels = 80
     a.wav2vec2_path = ""  # local Hugging Face folder (config.json + model.safetensors)
     a.wav2vec2_layer = -1  # hidden-state layer; -1 = last
+    # Long audio runs through Wav2Vec2 in windows of chunk + 2 * context seconds; each keeps
+    # its middle `chunk` seconds (attention is global: memory ~ length^2).
+    a.wav2vec2_chunk_seconds = 20.0
+    a.wav2vec2_context_seconds = 2.0
     return a
 
 
