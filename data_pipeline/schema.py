@@ -4,6 +4,7 @@ A dataset is a folder::
 
     DIR/dataset.json                         # DatasetInfo: source, fps, rate, size, splits
     DIR/{split}-{i:05d}-of-{n:05d}.array_record   # one record per clip
+    DIR/{split}-{i:05d}-of-{n:05d}.index.json     # per-record identity_id / num_frames
 
 Each ArrayRecord record is one clip, msgpack-encoded (`encode_clip` / `decode_clip`):
 
@@ -26,6 +27,10 @@ features        dict[str, array [T, ...]]   precomputed per-frame features, e.g.
                                             motion latents "motion" or audio features
 attrs           dict                        JSON-able extras (spoken text, voice, ...)
 ==============  ==========================  ===========================================
+
+The `.index.json` sidecar (written by `ShardWriter`, read by `read_shard_index`) holds each
+record's identity and frame count, so loaders can group clips by identity and drop clips
+that are too short without reading every record (500K clips x MBs each).
 
 Per-frame labels (all float32 unless noted; any subset may be present):
 
@@ -78,6 +83,7 @@ POSE_NAMES = ("yaw", "pitch", "roll", "tx", "ty", "tz")
 
 DATASET_INFO = "dataset.json"
 SHARD_SUFFIX = ".array_record"
+INDEX_SUFFIX = ".index.json"
 
 
 class CorruptRecordError(ValueError):
@@ -191,7 +197,7 @@ def decode_clip(data: bytes) -> Clip:
     try:
         rec = msgpack.unpackb(data, raw=False)
     except Exception as e:  # msgpack raises several unrelated types
-        raise CorruptRecordError(f"record is not valid msgpack: {e}") from e
+        raise CorruptRecordError(f"record is not valid msgpack: {e!r}") from e
     if not isinstance(rec, dict):
         raise CorruptRecordError("record is not a mapping")
     if rec.get("version") != FORMAT_VERSION:
@@ -259,6 +265,35 @@ def validate_clip(clip: Clip) -> None:
             )
 
 
+def read_record_header(data: bytes) -> dict[str, Any]:
+    """{"clip_id", "identity_id", "num_frames"} of a record, without unpacking its arrays.
+
+    Skips the frame bytes and arrays, so it is cheap even for long clips. Raises
+    CorruptRecordError if the record is not a msgpack map holding those fields.
+    """
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=0)  # 0: no size limit
+    unpacker.feed(data)
+    header: dict[str, Any] = {}
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key in ("clip_id", "identity_id"):
+                header[key] = unpacker.unpack()
+            elif key == "frames":
+                header["num_frames"] = unpacker.read_array_header()
+                for _ in range(header["num_frames"]):
+                    unpacker.skip()
+            else:
+                unpacker.skip()
+        return {
+            "clip_id": str(header["clip_id"]),
+            "identity_id": int(header["identity_id"]),
+            "num_frames": int(header["num_frames"]),
+        }
+    except Exception as e:  # msgpack raises several unrelated types
+        raise CorruptRecordError(f"record header unreadable: {e!r}") from e
+
+
 # ----------------------------------------------------------------------------- datasets
 
 
@@ -313,9 +348,37 @@ def list_shards(directory: str, split: str | None = None) -> list[str]:
     return files
 
 
+def shard_index_path(shard_path: str) -> str:
+    """The `.index.json` sidecar of a shard file."""
+    if not shard_path.endswith(SHARD_SUFFIX):
+        raise ValueError(f"{shard_path!r} is not a {SHARD_SUFFIX} shard")
+    return shard_path[: -len(SHARD_SUFFIX)] + INDEX_SUFFIX
+
+
+def read_shard_index(shard_path: str) -> dict[str, np.ndarray] | None:
+    """The shard's sidecar index: {"identity_id": int64 [R], "num_frames": int64 [R]}.
+
+    One entry per record, in record order; -1 / 0 for a record whose header was unreadable
+    when it was written. None if the shard has no (readable) sidecar.
+    """
+    path = shard_index_path(shard_path)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        index = {k: np.asarray(d[k], np.int64) for k in ("identity_id", "num_frames")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if index["identity_id"].shape != index["num_frames"].shape:
+        return None
+    return index
+
+
 class ShardWriter:
     """Writes encoded clips round-robin into `num_shards` ArrayRecord files of one split.
 
+    Next to each shard it writes the `.index.json` sidecar (see `read_shard_index`).
     Use as a context manager; files are complete only after close().
     """
 
@@ -330,15 +393,27 @@ class ShardWriter:
         ]
         # group_size:1 keeps random access cheap (grain reads single records).
         self._writers = [ArrayRecordWriter(p, "group_size:1") for p in self.paths]
+        self._index: list[dict[str, list[int]]] = [
+            {"identity_id": [], "num_frames": []} for _ in self.paths
+        ]
         self.count = 0
 
     def write(self, record: bytes) -> None:
-        self._writers[self.count % len(self._writers)].write(record)
+        shard = self.count % len(self._writers)
+        self._writers[shard].write(record)
+        try:
+            header = read_record_header(record)
+        except CorruptRecordError:  # written anyway: readers skip and count such records
+            header = {"identity_id": -1, "num_frames": 0}
+        self._index[shard]["identity_id"].append(header["identity_id"])
+        self._index[shard]["num_frames"].append(header["num_frames"])
         self.count += 1
 
     def close(self) -> None:
-        for w in self._writers:
+        for w, path, index in zip(self._writers, self.paths, self._index):
             w.close()
+            with open(shard_index_path(path), "w") as f:
+                json.dump(index, f, separators=(",", ":"))
 
     def __enter__(self) -> "ShardWriter":
         return self
