@@ -171,3 +171,71 @@ def mesh_config(kind: str) -> ml_collections.ConfigDict:
     else:
         raise ConfigError(f"unknown mesh kind {kind!r}")
     return m
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_config(size: str) -> ml_collections.ConfigDict:
+    """The shared training loop (vasa_jax.trainers.loop): length, logging, checkpoints, EMA.
+
+    Every *_every is in train steps; 0 turns the periodic action off (a final checkpoint
+    is always written).
+    """
+    t = ml_collections.ConfigDict()
+    t.total_steps = {"tiny": 200, "small": 100_000, "full": 300_000}[size]
+    t.log_every = {"tiny": 10, "small": 50, "full": 100}[size]
+    t.image_every = {"tiny": 100, "small": 1000, "full": 2500}[size]
+    t.image_samples = 4  # batch rows shown in image summaries
+    t.checkpoint_every = {"tiny": 100, "small": 2500, "full": 5000}[size]
+    t.keep_checkpoints = 3  # newest checkpoints kept
+    t.keep_period = 0  # also keep every checkpoint at a multiple of this step (0 = none)
+    t.async_checkpoints = True
+    # Exponential moving average of the generator's parameters (the weights to export):
+    # ema <- decay * ema + (1 - decay) * params after every step.
+    t.ema_decay = {"tiny": 0.99, "small": 0.999, "full": 0.999}[size]
+    return t
+
+
+def validate_train(t: ml_collections.ConfigDict) -> None:
+    check(t.total_steps > 0, f"train.total_steps must be > 0, got {t.total_steps}")
+    check(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
+    for name in ("image_every", "checkpoint_every", "keep_period"):
+        check(t[name] >= 0, f"train.{name} must be >= 0 (0 = off), got {t[name]}")
+    check(t.image_samples > 0, f"train.image_samples must be > 0, got {t.image_samples}")
+    check(t.keep_checkpoints > 0, f"train.keep_checkpoints must be > 0, got {t.keep_checkpoints}")
+    check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+
+
+def optim_config(size: str) -> ml_collections.ConfigDict:
+    """One optimizer (vasa_jax.optim.build_optimizer): AdamW, cosine schedule, clipping.
+
+    Defaults are MegaPortraits': AdamW betas (0.5, 0.999), eps 1e-8, weight decay 1e-2,
+    cosine decay of the learning rate from 2e-4 to 1e-6 over train.total_steps.
+    """
+    del size  # the same recipe at every scale; kept for symmetry with the other sections
+    o = ml_collections.ConfigDict()
+    o.lr = 2e-4  # peak learning rate (reached after warmup_steps)
+    o.end_lr = 1e-6  # learning rate at train.total_steps
+    o.warmup_steps = 0  # linear warmup from 0 to lr (0 = start at lr)
+    o.b1 = 0.5
+    o.b2 = 0.999
+    o.eps = 1e-8
+    # Decoupled weight decay on weight matrices / kernels only: decaying biases and norm
+    # scales towards 0 only fights the normalisation.
+    o.weight_decay = 1e-2
+    o.grad_clip = 1.0  # clip the global gradient norm to this (0 = no clipping)
+    return o
+
+
+def validate_optim(o: ml_collections.ConfigDict, total_steps: int, name: str = "optim") -> None:
+    """Checks an optim section; `total_steps` (train.total_steps) bounds the warmup."""
+    check(o.lr > 0, f"{name}.lr must be > 0, got {o.lr}")
+    check(0 <= o.end_lr <= o.lr, f"{name}.end_lr must be in [0, lr={o.lr}], got {o.end_lr}")
+    check(0 <= o.warmup_steps < total_steps,
+          f"{name}.warmup_steps must be in [0, train.total_steps={total_steps}), got "
+          f"{o.warmup_steps}")
+    check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"{name}.b1, b2 must be in [0, 1), got {o.b1}, {o.b2}")
+    check(o.eps > 0, f"{name}.eps must be > 0, got {o.eps}")
+    check(o.weight_decay >= 0, f"{name}.weight_decay must be >= 0, got {o.weight_decay}")
+    check(o.grad_clip >= 0, f"{name}.grad_clip must be >= 0 (0 = off), got {o.grad_clip}")

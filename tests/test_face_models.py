@@ -1,0 +1,373 @@
+"""Stage-1 face latent model: shapes, gradients, warps, parameter annotations and counts.
+
+CPU compile time dominates: the tiny model is initialised and differentiated once (module
+fixtures), with "unsafe_rbg" keys, whose jitted init compiles ~3x faster than threefry's.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import configs
+from configs.common import ConfigError
+from vasa_jax.models import discriminator, face_latent, layers, warping
+from vasa_jax.ops.grid_sample import identity_grid
+from vasa_jax.parallel import sharding
+
+B = 2
+
+
+def _key(seed=0):
+    return jax.random.key(seed, impl="unsafe_rbg")
+
+
+def _images(seed, size):
+    return jax.random.uniform(jax.random.key(seed), (B, size, size, 3), minval=-1.0, maxval=1.0)
+
+
+def _create(ctor):
+    """Jitted init of any module (eager init dispatches every initializer op separately)."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: ctor(nnx.Rngs(0))))
+    return nnx.merge(graphdef, jax.jit(lambda k: nnx.state(ctor(nnx.Rngs(k))))(_key()))
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return configs.load("configs/face_latent.py:size=tiny").model
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    return face_latent.create_model(cfg, _key())
+
+
+@pytest.fixture(scope="module")
+def trained_step(cfg, model):
+    """One jitted forward + gradient of an L1 reconstruction loss (source -> driving)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    source, driving = _images(1, cfg.image_size), _images(2, cfg.image_size)
+
+    @jax.jit
+    def step(params, source, driving):
+        def loss_fn(params):
+            out = nnx.merge(graphdef, params, rest)(source, driving)
+            return jnp.mean(jnp.abs(out - driving)), out
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    (loss, out), grads = step(params, source, driving)
+    return loss, out, grads
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def test_tiny_output_shapes(cfg, model):
+    images = jax.ShapeDtypeStruct((B, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    latent = nnx.eval_shape(lambda m, x: m.encode(x), model, images)
+    v = cfg.volume
+    assert latent.v_app.shape == (B, v.depth, v.size, v.size, v.channels)
+    assert latent.z_id.shape == (B, cfg.id.dim)
+    assert latent.z_pose.shape == (B, warping.POSE_DIM)
+    assert latent.z_dyn.shape == (B, cfg.motion.dyn_dim)
+    z_pose, z_dyn = nnx.eval_shape(lambda m, x: m.encode_motion(x), model, images)
+    assert (z_pose.shape, z_dyn.shape) == (latent.z_pose.shape, latent.z_dyn.shape)
+    out = nnx.eval_shape(
+        lambda m, l: m.decode(l.v_app, l.z_id, l.z_pose, l.z_dyn), model, latent
+    )
+    assert out.shape == images.shape
+    posed = nnx.eval_shape(lambda m, x: m.app_encoder(x), model, images)
+    assert posed.shape == latent.v_app.shape  # [B, D, H, W, C] = [2, 8, 16, 16, 16]
+
+
+def test_bad_inputs_are_clear_errors(cfg, model):
+    wrong = jax.ShapeDtypeStruct((B, 32, 32, 3), jnp.float32)
+    with pytest.raises(ValueError, match=r"expects images \[B, 64, 64, 3\]"):
+        nnx.eval_shape(lambda m, x: m.encode(x), model, wrong)
+    v = jax.ShapeDtypeStruct((B, 8, 16, 16, 16), jnp.float32)
+    z_id, z_dyn = jnp.zeros((B, cfg.id.dim)), jnp.zeros((B, cfg.motion.dyn_dim))
+    bad_pose = jnp.zeros((B, 5))
+    with pytest.raises(ValueError, match="z_pose must be"):
+        nnx.eval_shape(lambda m, v: m.decode(v, z_id, bad_pose, z_dyn), model, v)
+    with pytest.raises(ValueError, match="v_app"):
+        bad_volume = jnp.zeros((B, 8, 16, 16, 4))
+        nnx.eval_shape(lambda m: m.decode(bad_volume, z_id, bad_pose, z_dyn), model)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def test_forward_backward_finite_and_reaches_every_parameter(cfg, trained_step):
+    loss, out, grads = trained_step
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    assert out.shape == (B, cfg.image_size, cfg.image_size, 3)
+    assert float(jnp.max(jnp.abs(out))) <= 1.0  # tanh output
+    flat = nnx.to_flat_state(grads)
+    assert flat
+    dead = []
+    for path, g in flat:
+        g = np.asarray(g[...])
+        assert np.all(np.isfinite(g)), path
+        if not np.any(g):
+            dead.append("/".join(map(str, path)))
+    # Every parameter of every encoder / warp / G3D / decoder group gets gradient.
+    assert not dead, f"parameters with zero gradient: {dead}"
+    groups = {str(path[0]) for path, _ in flat}
+    assert groups == {
+        "app_encoder", "id_encoder", "motion_encoder", "warp_to_canonical", "g3d", "decoder"
+    }
+
+
+def test_pose_reaches_the_decoder(cfg, model):
+    """Only z_pose changes between two decodes: the image must change (and be repeatable)."""
+    graphdef, state = nnx.split(model.decoder)
+    v = cfg.volume
+    keys = jax.random.split(jax.random.key(3), 3)
+    v_app = jax.random.normal(keys[0], (B, v.depth, v.size, v.size, v.channels))
+    z_id = jax.random.normal(keys[1], (B, cfg.id.dim))
+    z_dyn = jax.random.normal(keys[2], (B, cfg.motion.dyn_dim))
+    decode = jax.jit(lambda state, z_pose: nnx.merge(graphdef, state)(v_app, z_id, z_pose, z_dyn))
+    pose = warping.identity_pose(B)
+    turned = pose.at[:, 0].add(0.4).at[:, 3].add(0.2)  # yaw + 23 degrees, shift along x
+    same, again, moved = decode(state, pose), decode(state, pose), decode(state, turned)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(again))
+    assert float(jnp.mean(jnp.abs(moved - same))) > 1e-4
+
+
+# ----------------------------------------------------------------------------- warps
+
+
+def test_pose_matrices_are_inverse_and_rotations_orthonormal():
+    rng = np.random.default_rng(0)
+    pose = np.concatenate(
+        [rng.uniform(-1, 1, (4, 3)), rng.uniform(-0.3, 0.3, (4, 3)), rng.uniform(0.8, 1.2, (4, 1))],
+        axis=1,
+    ).astype(np.float32)
+    fwd, inv = warping.pose_matrix(pose), warping.inverse_pose_matrix(pose)
+    last_row = np.tile([[[0, 0, 0, 1]]], (4, 1, 1))
+    homog = lambda m: np.concatenate([np.asarray(m), last_row], axis=1)  # noqa: E731
+    np.testing.assert_allclose(homog(fwd) @ homog(inv), np.tile(np.eye(4), (4, 1, 1)), atol=1e-5)
+    rot = np.asarray(warping.rotation_matrix(*pose[:, :3].T))
+    eye = np.tile(np.eye(3), (4, 1, 1))
+    np.testing.assert_allclose(rot @ np.swapaxes(rot, 1, 2), eye, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.det(rot), 1.0, atol=1e-5)
+    # Yaw turns about the vertical (y) axis: x -> (cos, 0, -sin).
+    r = np.asarray(warping.rotation_matrix(*jnp.asarray([[0.5], [0.0], [0.0]])))[0]
+    np.testing.assert_allclose(r @ [1, 0, 0], [np.cos(0.5), 0, -np.sin(0.5)], atol=1e-6)
+
+
+def test_bound_pose_ranges():
+    raw = jnp.asarray([[0.0] * 7, [50.0] * 7, [-50.0] * 7])
+    pose = np.asarray(
+        warping.bound_pose(raw, max_angles=(1.5, 1.0, 0.7), max_translation=0.5, max_log_scale=0.3)
+    )
+    np.testing.assert_allclose(pose[0], warping.identity_pose(1)[0])
+    np.testing.assert_allclose(pose[1], [1.5, 1.0, 0.7, 0.5, 0.5, 0.5, math.exp(0.3)], rtol=1e-5)
+    low = [-1.5, -1.0, -0.7, -0.5, -0.5, -0.5, math.exp(-0.3)]
+    np.testing.assert_allclose(pose[2], low, rtol=1e-5)
+
+
+def test_translation_moves_content_the_intended_way():
+    d, h, w = 4, 8, 8
+    volume = np.zeros((1, d, h, w, 1), np.float32)
+    volume[0, 2, 3, 3, 0] = 1.0
+    pose = jnp.asarray([[0, 0, 0, 2 * 2 / w, 0, 0, 1]], jnp.float32)  # tx = 2 voxels
+
+    @jax.jit
+    def drive_and_back(volume):
+        zero = jnp.zeros((1, d, h, w, 3))
+        driven = warping.sample_volume(volume, warping.canonical_to_driving_grid(pose, zero))
+        return driven, warping.sample_volume(driven, warping.source_to_canonical_grid(pose, zero))
+
+    driven, back = drive_and_back(jnp.asarray(volume))
+    assert np.unravel_index(int(jnp.argmax(driven)), (d, h, w)) == (2, 3, 5)  # moved to +x
+    np.testing.assert_allclose(np.asarray(back), volume, atol=1e-6)
+
+
+def test_rigid_round_trip_grids_compose_to_identity():
+    """Equal poses, zero flow: grid_sc(grid_cd(p)) = p (the s -> c -> d warp is the identity)."""
+    d, h, w = 4, 8, 8
+    pose = jnp.asarray([[0.3, -0.2, 0.1, 0.05, -0.1, 0.02, 1.1]])
+    zero = jnp.zeros((1, d, h, w, 3))
+    grid_cd = jax.jit(warping.canonical_to_driving_grid)(pose, zero)
+    theta = np.asarray(warping.pose_matrix(pose))[0]
+    composed = np.asarray(grid_cd[0]) @ theta[:, :3].T + theta[:, 3]
+    np.testing.assert_allclose(composed, np.asarray(identity_grid(d, h, w)), atol=1e-5)
+
+
+def test_sample_volume_keeps_a_batch_sharded_volume_sharded():
+    """Data parallelism: the per-example gather must not all-gather the volume."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    volume = jax.ShapeDtypeStruct((8, 4, 8, 8, 4), jnp.float32, sharding=spec)
+    grid = jax.ShapeDtypeStruct((8, 4, 8, 8, 3), jnp.float32, sharding=spec)
+    loss = lambda v, g: jnp.sum(warping.sample_volume(v, g) ** 2)  # noqa: E731
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(volume, grid).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" not in hlo
+
+
+def test_warp_modules_round_trip_with_zero_flow_and_identity_pose(cfg, model):
+    """source -> canonical -> driving through the model's own warp generators."""
+    to_canonical = nnx.clone(model.warp_to_canonical)  # copies: the fixture stays intact
+    to_driving = nnx.clone(model.decoder.warp)
+    for warp in (to_canonical, to_driving):
+        warp.flow.out.kernel[...] = jnp.zeros_like(warp.flow.out.kernel[...])
+        warp.flow.out.bias[...] = jnp.zeros_like(warp.flow.out.bias[...])
+    v = cfg.volume
+    volume = jax.random.normal(jax.random.key(4), (B, v.depth, v.size, v.size, v.channels))
+    pose = warping.identity_pose(B)
+    z_dyn = jax.random.normal(jax.random.key(5), (B, cfg.motion.dyn_dim))
+    z_id = jax.random.normal(jax.random.key(6), (B, cfg.id.dim))
+
+    @jax.jit
+    def round_trip(warps):
+        to_canonical, to_driving = nnx.merge(*warps)
+        return to_driving(to_canonical(volume, pose, z_dyn, z_id), pose, z_dyn, z_id)
+
+    driven = round_trip(nnx.split((to_canonical, to_driving)))
+    np.testing.assert_allclose(np.asarray(driven), np.asarray(volume), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- annotations, counts
+
+
+def _params_and_names(module):
+    out = []
+    for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        names = var.get_metadata().get("out_sharding")
+        out.append(("/".join(map(str, path)), var.get_value().shape, names))
+    return out
+
+
+def test_every_param_has_logical_axes_the_conv_rules_know(cfg, model):
+    rules = dict(configs.load("configs/face_latent.py:size=tiny").mesh.rules)
+    disc = nnx.eval_shape(lambda: discriminator.build_discriminator(cfg, rngs=nnx.Rngs(0)))
+    for module in (model, disc):
+        entries = _params_and_names(module)
+        assert len(entries) >= 20
+        for path, shape, names in entries:
+            assert names is not None and len(names) == len(shape), (path, names, shape)
+            assert all(n is None or n in rules for n in names), (path, names)
+            if len(shape) >= 2:  # kernels: at least one sharded-able axis
+                assert any(n is not None for n in names), (path, names)
+    # The trainer's sharding helper places them on a data x fsdp mesh: big kernels shard.
+    devices = np.array(jax.devices()[:8]).reshape(2, 4, 1)
+    mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"))
+    shardings = sharding.state_shardings(nnx.state(model, nnx.Param), mesh, rules)
+    kernel = shardings["decoder"]["generator"]["blocks"][0]["conv1"]["kernel"]
+    assert kernel.get_value().spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+
+
+def test_full_parameter_count_is_about_200m():
+    full = configs.load("configs/face_latent.py:size=full").model
+    counts = face_latent.param_counts(face_latent.abstract_model(full))  # no allocation
+    assert 150e6 <= counts["total"] <= 260e6, counts
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+
+
+# ----------------------------------------------------------------------------- discriminator
+
+
+def test_discriminator_outputs_per_scale(cfg):
+    x = _images(7, cfg.image_size)
+    # Init and forward in one compiled program (the discriminator is used nowhere else).
+    outputs = jax.jit(
+        lambda k, x: discriminator.build_discriminator(cfg, rngs=nnx.Rngs(k))(x, update_stats=False)
+    )(_key(), x)
+    assert len(outputs) == cfg.discriminator.scales
+    for scale, (logits, features) in enumerate(outputs):
+        side = cfg.image_size >> scale
+        n = len(cfg.discriminator.channels)
+        assert logits.shape == (B, (side >> n) - 2, (side >> n) - 2, 1)
+        assert len(features) == n + 1
+        assert features[0].shape == (B, side // 2, side // 2, cfg.discriminator.channels[0])
+        assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_spectral_norm_power_iteration_is_functional_state():
+    conv = _create(lambda r: discriminator.SNConv2D(6, 5, rngs=r))
+    u0 = np.asarray(conv.u[...])
+    kernel0 = np.asarray(conv.kernel[...])
+    conv.sigma(update_stats=False)
+    np.testing.assert_array_equal(np.asarray(conv.u[...]), u0)  # eval: state untouched
+    graphdef, params, stats = nnx.split(conv, nnx.Param, nnx.BatchStat)
+
+    @jax.jit
+    def step(params, stats):
+        c = nnx.merge(graphdef, params, stats)
+        return c.sigma(update_stats=True), nnx.state(c, nnx.BatchStat)
+
+    for _ in range(30):
+        sigma, stats = step(params, stats)
+    true_sigma = np.linalg.svd(kernel0.reshape(-1, 5), compute_uv=False)[0]
+    np.testing.assert_allclose(float(sigma), true_sigma, rtol=1e-3)
+    assert not np.allclose(np.asarray(stats["u"][...]), u0)
+    np.testing.assert_array_equal(np.asarray(params["kernel"][...]), kernel0)  # Param stays raw
+    # The normalised kernel has spectral norm 1.
+    merged = nnx.merge(graphdef, params, stats)
+    w = np.asarray(merged.kernel[...]).reshape(-1, 5) / float(merged.sigma(update_stats=False))
+    np.testing.assert_allclose(np.linalg.svd(w, compute_uv=False)[0], 1.0, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- layers, config
+
+
+def test_weight_standardisation_and_group_norm():
+    k = jax.random.normal(jax.random.key(0), (3, 3, 8, 4)) * 3 + 1
+    s = np.asarray(layers.standardize_kernel(k)).reshape(-1, 4)
+    np.testing.assert_allclose(s.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(s.std(0), 1 / np.sqrt(3 * 3 * 8), rtol=1e-3)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8)) * 5 + 3
+    norm = layers.GroupNorm(8, groups=2, rngs=nnx.Rngs(0))
+    y = np.asarray(norm(x)).reshape(2, 16, 2, 4)
+    np.testing.assert_allclose(y.mean((1, 3)), 0, atol=1e-4)
+    np.testing.assert_allclose(y.std((1, 3)), 1, atol=1e-3)
+
+
+def test_adaptive_group_norm_depends_on_condition():
+    ada = layers.AdaptiveGroupNorm(8, 3, groups=2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+    a = ada(x, jnp.zeros((2, 3)))
+    b = ada(x, jnp.ones((2, 3)))
+    plain = layers._group_normalize(x, 2, 1e-5)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(plain), atol=1e-5)
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+
+
+def test_resblock_bf16_compute_and_remat_gradients_match():
+    x = jax.random.normal(jax.random.key(1), (1, 4, 8, 8, 8))
+    half = layers.ResBlock(8, 16, ndim=3, groups=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    plain = layers.ResBlock(8, 8, ndim=3, down=(2, 2, 2), groups=4, rngs=nnx.Rngs(0))
+    remat = layers.ResBlock(8, 8, ndim=3, down=(2, 2, 2), groups=4, remat=True, rngs=nnx.Rngs(0))
+
+    @jax.jit
+    def run(blocks):
+        graphdef, state = nnx.split(blocks)
+        loss = lambda s: sum(jnp.sum(b(x) ** 2) for b in nnx.merge(graphdef, s)[1:])  # noqa: E731
+        return nnx.merge(graphdef, state)[0](x), jax.grad(loss)(state)
+
+    y, grads = run(nnx.List([half, plain, remat]))
+    assert y.dtype == jnp.bfloat16 and y.shape == (1, 4, 8, 8, 16)
+    assert half.conv1.kernel[...].dtype == jnp.float32  # params stay float32
+    for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[2])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(a))))
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(model__decoder__up_channels=(32,)), "decoder.up_channels"),
+        (dict(model__volume__size=8), "app.channels"),
+        (dict(model__g3d__channels=(16, 32, 64, 128, 256)), "g3d.channels"),
+        (dict(model__dtype="float16"), "model.dtype"),
+        (dict(model__groups=3), "divisible by model.groups"),
+        (dict(model__motion__max_angles_deg=(90.0, 60.0)), "max_angles_deg"),
+    ],
+)
+def test_model_config_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        configs.load("configs/face_latent.py:size=tiny", **overrides)

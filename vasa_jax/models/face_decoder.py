@@ -1,0 +1,121 @@
+"""The face decoder D(V_app, z_id, z_pose, z_dyn) -> image (VASA-1 sec 3.1, MegaPortraits).
+
+    V_app [B, D, H, W, C]
+      -> w_c->d: rigid driving pose + non-rigid flow from (z_dyn, z_id)   (warping.py)
+      -> projection P: reshape [D, C] into channels, 1x1 conv             [B, H, W, F]
+      -> G2D: resblocks at F channels, then upsampling resblocks (x2 each)
+      -> GroupNorm, ReLU, 3x3 conv (no WS: the last conv), tanh           [B, S, S, 3]
+
+The output has the encoder's input size S = H * 2^len(up_channels), in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vasa_jax.models import layers, warping
+
+
+class Projection(nnx.Module):
+    """P: volume [B, D, H, W, C] -> feature map [B, H, W, out] (depth folded into channels)."""
+
+    def __init__(self, volume_channels: int, depth: int, out_channels: int, **kw):
+        self.volume_channels = volume_channels
+        self.depth = depth
+        self.conv = layers.Conv(volume_channels * depth, out_channels, (1, 1), **kw)
+
+    def __call__(self, volume: jax.Array) -> jax.Array:
+        b, d, h, w, c = volume.shape
+        if (d, c) != (self.depth, self.volume_channels):
+            raise ValueError(
+                f"Projection expects [B, {self.depth}, H, W, {self.volume_channels}], "
+                f"got {volume.shape}"
+            )
+        # Same channel order as AppearanceEncoder's reshape: channel = d * C + c.
+        return self.conv(volume.transpose(0, 2, 3, 1, 4).reshape(b, h, w, d * c))
+
+
+class ImageGenerator(nnx.Module):
+    """G2D: [B, H, W, F] -> image [B, H * 2^len(up_channels), ..., 3] in [-1, 1]."""
+
+    def __init__(
+        self,
+        *,
+        channels: int,
+        blocks: int,
+        up_channels: Sequence[int],
+        groups: int,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.blocks = nnx.List([
+            layers.ResBlock(channels, channels, ndim=2, groups=groups, **kw) for _ in range(blocks)
+        ])
+        ups, c = [], channels
+        for out in up_channels:
+            ups.append(layers.ResBlock(c, out, ndim=2, up=(2, 2), groups=groups, **kw))
+            c = out
+        self.up_blocks = nnx.List(ups)
+        self.norm = layers.GroupNorm(c, groups=groups, **kw)
+        self.to_rgb = layers.Conv(c, 3, (3, 3), weight_std=False, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for block in self.blocks:
+            x = block(x)
+        for block in self.up_blocks:
+            x = block(x)
+        x = self.to_rgb(layers.relu(self.norm(x)))
+        return jnp.tanh(x.astype(jnp.float32))
+
+
+class FaceDecoder(nnx.Module):
+    """D: (V_app, z_id, z_pose, z_dyn) of possibly different frames -> image [B, S, S, 3]."""
+
+    def __init__(
+        self,
+        *,
+        volume_channels: int,
+        volume_shape: Sequence[int],
+        dyn_dim: int,
+        id_dim: int,
+        warp: dict,
+        channels: int,
+        blocks: int,
+        up_channels: Sequence[int],
+        groups: int,
+        remat: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.volume_shape = tuple(volume_shape)
+        self.volume_channels = volume_channels
+        self.warp = warping.WarpGenerator(
+            "to_driving", dyn_dim=dyn_dim, id_dim=id_dim, volume_shape=volume_shape,
+            groups=groups, remat=remat, **dict(warp), **kw,
+        )
+        self.projection = Projection(volume_channels, volume_shape[0], channels, **kw)
+        self.generator = ImageGenerator(
+            channels=channels, blocks=blocks, up_channels=up_channels, groups=groups, **kw
+        )
+
+    def __call__(
+        self, v_app: jax.Array, z_id: jax.Array, z_pose: jax.Array, z_dyn: jax.Array
+    ) -> jax.Array:
+        """v_app [B, D, H, W, C], z_id [B, I], z_pose [B, 7], z_dyn [B, K] -> [B, S, S, 3]."""
+        expected = (*self.volume_shape, self.volume_channels)
+        if v_app.ndim != 5 or v_app.shape[1:] != expected:
+            raise ValueError(f"FaceDecoder expects v_app [B, {expected}], got {v_app.shape}")
+        batch = v_app.shape[0]
+        for name, z in (("z_id", z_id), ("z_pose", z_pose), ("z_dyn", z_dyn)):
+            if z.ndim != 2 or z.shape[0] != batch:
+                raise ValueError(f"FaceDecoder: {name} must be [{batch}, N], got {z.shape}")
+        posed = self.warp(v_app, z_pose, z_dyn, z_id)
+        return self.generator(self.projection(posed))

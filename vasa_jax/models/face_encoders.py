@@ -1,0 +1,288 @@
+"""The encoders of the face latent (VASA-1 sec 3.1): one per factor, plus G3D.
+
+  * AppearanceEncoder (E_app): image -> posed appearance volume [B, D, H, W, C]
+    (2-D resblocks with average pooling, 1x1 conv to C*D channels, reshape to 3-D,
+    3-D resblocks), as MegaPortraits' E_app.
+  * IdentityEncoder (E_id): image -> z_id [B, id_dim] (ResNet-style 2-D encoder + global
+    average pooling); conditions the warps.
+  * MotionEncoder (E_mtn): image -> (z_pose [B, 7], z_dyn [B, dyn_dim]) from two separate
+    ResNet-style encoders (VASA: each factor has its own encoder; MegaPortraits: two
+    ResNets for pose and expression). z_pose is tanh-bounded (see warping.bound_pose).
+  * CanonicalVolumeGenerator (G3D): 3-D U-Net refining the canonical volume; V_app =
+    G3D(w_s->c(posed volume)) is computed once per portrait at inference.
+
+Images are [B, S, S, 3] in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vasa_jax.models import layers, warping
+
+
+def check_images(images: jax.Array, size: int, name: str) -> None:
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise ValueError(f"{name} expects images [B, {size}, {size}, 3], got {images.shape}")
+
+
+def resize_images(images: jax.Array, size: int) -> jax.Array:
+    """[B, H, W, 3] -> [B, size, size, 3] (antialiased bilinear); a no-op at the same size."""
+    if images.shape[1:3] == (size, size):
+        return images
+    return jax.image.resize(images, (images.shape[0], size, size, images.shape[-1]), "linear")
+
+
+class ResNetEncoder(nnx.Module):
+    """ResNet-style image -> vector encoder (GroupNorm + weight-standardised convs).
+
+        resize to input_size -> 7x7 stride-2 conv (no WS: first conv)
+        -> stages of pre-activation resblocks (the first of each stage halves H, W)
+        -> GroupNorm, ReLU, global average pool -> Dense -> [B, out_dim]
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        input_size: int,
+        stem: int,
+        channels: Sequence[int],
+        blocks: Sequence[int],
+        out_dim: int,
+        groups: int,
+        head_init_scale: float = 1.0,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if len(channels) != len(blocks) or not channels:
+            raise ValueError(f"ResNetEncoder: channels {channels} and blocks {blocks} must pair up")
+        if input_size % (2 ** (len(channels) + 1)):
+            raise ValueError(
+                f"ResNetEncoder: input_size {input_size} is not divisible by 2^{len(channels) + 1}"
+            )
+        self.image_size = image_size
+        self.input_size = input_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.stem = layers.Conv(3, stem, (7, 7), stride=2, weight_std=False, **kw)
+        stages, c = [], stem
+        for out, n in zip(channels, blocks):
+            stages.append(layers.ResBlock(c, out, ndim=2, down=(2, 2), groups=groups, **kw))
+            stages += [layers.ResBlock(out, out, ndim=2, groups=groups, **kw) for _ in range(n - 1)]
+            c = out
+        self.blocks = nnx.List(stages)
+        self.norm = layers.GroupNorm(c, groups=groups, **kw)
+        self.head = layers.Dense(
+            c, out_dim, names=("embed", "mlp"), init_scale=head_init_scale, **kw
+        )
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """images [B, image_size, image_size, 3] -> [B, out_dim] float32."""
+        check_images(images, self.image_size, type(self).__name__)
+        x = self.stem(resize_images(images, self.input_size))
+        for block in self.blocks:
+            x = block(x)
+        x = layers.relu(self.norm(x))
+        return self.head(jnp.mean(x.astype(jnp.float32), axis=(1, 2))).astype(jnp.float32)
+
+
+class IdentityEncoder(ResNetEncoder):
+    """E_id: image -> z_id [B, out_dim]."""
+
+
+class MotionEncoder(nnx.Module):
+    """E_mtn: image -> (z_pose [B, 7], z_dyn [B, dyn_dim]), two independent encoders.
+
+    The pose head starts small (init_scale 0.1), so an untrained encoder predicts poses
+    near the identity instead of random rotations.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        input_size: int,
+        stem: int,
+        channels: Sequence[int],
+        blocks: Sequence[int],
+        dyn_dim: int,
+        max_angles_deg: Sequence[float],
+        max_translation: float,
+        max_log_scale: float,
+        groups: int,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        common = dict(
+            image_size=image_size, input_size=input_size, stem=stem, channels=channels,
+            blocks=blocks, groups=groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )
+        self.pose_net = ResNetEncoder(out_dim=warping.POSE_DIM, head_init_scale=0.1, **common)
+        self.dyn_net = ResNetEncoder(out_dim=dyn_dim, **common)
+        self.max_angles = tuple(math.radians(a) for a in max_angles_deg)
+        self.max_translation = float(max_translation)
+        self.max_log_scale = float(max_log_scale)
+
+    def pose(self, images: jax.Array) -> jax.Array:
+        """images -> z_pose [B, 7] (yaw, pitch, roll in radians; tx, ty, tz; scale)."""
+        return warping.bound_pose(
+            self.pose_net(images), max_angles=self.max_angles,
+            max_translation=self.max_translation, max_log_scale=self.max_log_scale,
+        )
+
+    def dynamics(self, images: jax.Array) -> jax.Array:
+        """images -> z_dyn [B, dyn_dim]."""
+        return self.dyn_net(images)
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.pose(images), self.dynamics(images)
+
+
+class AppearanceEncoder(nnx.Module):
+    """E_app: image -> posed appearance volume [B, D, H, W, C] (MegaPortraits' v_s).
+
+        7x7 conv (no WS) -> 2-D resblocks, each halving H, W (len(channels) of them, so
+        image_size / 2^len(channels) = volume side) -> GroupNorm, ReLU, 1x1 conv to C*D
+        -> reshape channels into depth -> 3-D resblocks (at C channels)
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        stem: int,
+        channels: Sequence[int],
+        volume_shape: Sequence[int],
+        volume_channels: int,
+        blocks_3d: int,
+        groups: int,
+        remat: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        depth, height, width = (int(s) for s in volume_shape)
+        if image_size != height * 2 ** len(channels) or height != width:
+            raise ValueError(
+                f"AppearanceEncoder: {len(channels)} downsampling blocks take {image_size}px to "
+                f"{image_size >> len(channels)}px, but the volume is {height}x{width}"
+            )
+        self.image_size = image_size
+        self.volume_shape = (depth, height, width)
+        self.volume_channels = volume_channels
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.stem = layers.Conv(3, stem, (7, 7), weight_std=False, **kw)
+        blocks, c = [], stem
+        for out in channels:
+            blocks.append(layers.ResBlock(c, out, ndim=2, down=(2, 2), groups=groups, **kw))
+            c = out
+        self.blocks_2d = nnx.List(blocks)
+        self.norm = layers.GroupNorm(c, groups=groups, **kw)
+        self.to_volume = layers.Conv(c, volume_channels * depth, (1, 1), **kw)
+        self.blocks_3d = nnx.List([
+            layers.ResBlock(
+                volume_channels, volume_channels, ndim=3, groups=groups, remat=remat, **kw
+            )
+            for _ in range(blocks_3d)
+        ])
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """images [B, S, S, 3] -> posed volume [B, D, H, W, C]."""
+        check_images(images, self.image_size, "AppearanceEncoder")
+        x = self.stem(images)
+        for block in self.blocks_2d:
+            x = block(x)
+        x = self.to_volume(layers.relu(self.norm(x)))  # [B, H, W, D * C]
+        b, h, w, _ = x.shape
+        depth = self.volume_shape[0]
+        # Channel index = d * C + c: each depth slice owns a contiguous block of channels.
+        x = x.reshape(b, h, w, depth, self.volume_channels).transpose(0, 3, 1, 2, 4)
+        for block in self.blocks_3d:
+            x = block(x)
+        return x
+
+
+class CanonicalVolumeGenerator(nnx.Module):
+    """G3D: a 3-D U-Net on the canonical volume, residual: V_app = v + U(v).
+
+    Level i works at channels[i] and 1 / 2^i of the volume's D, H, W (average-pool down,
+    nearest up, skip connections concatenated). channels[0] may differ from the volume's
+    channel count (a 1x1x1 conv adapts). The residual form gives E_app an unobstructed path
+    to the decoder early in training.
+    """
+
+    def __init__(
+        self,
+        *,
+        volume_channels: int,
+        volume_shape: Sequence[int],
+        channels: Sequence[int],
+        blocks: int,
+        groups: int,
+        remat: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        levels = len(channels) - 1
+        if any(s % (2**levels) for s in volume_shape):
+            raise ValueError(
+                f"G3D: volume {tuple(volume_shape)} is not divisible by 2^{levels} "
+                f"({levels} levels)"
+            )
+        self.volume_channels = volume_channels
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        block_kw = dict(ndim=3, groups=groups, remat=remat, **kw)
+        self.conv_in = layers.Conv(volume_channels, channels[0], (1, 1, 1), **kw)
+        down, skips, c = [], [], channels[0]
+        for i, out in enumerate(channels):
+            level = []
+            for j in range(blocks):
+                # The first block of every deeper level pools the previous level's output.
+                pool = (2, 2, 2) if (i > 0 and j == 0) else None
+                level.append(layers.ResBlock(c, out, down=pool, **block_kw))
+                c = out
+            down.append(nnx.List(level))
+            skips.append(out)
+        self.down = nnx.List(down)
+        up = []
+        for i in reversed(range(levels)):
+            # The first block of a decoder level takes [upsampled x, skip] concatenated.
+            level = [layers.ResBlock(c + skips[i], channels[i], **block_kw)]
+            level += [
+                layers.ResBlock(channels[i], channels[i], **block_kw) for _ in range(blocks - 1)
+            ]
+            up.append(nnx.List(level))
+            c = channels[i]
+        self.up = nnx.List(up)
+        self.norm = layers.GroupNorm(c, groups=groups, **kw)
+        self.conv_out = layers.Conv(c, volume_channels, (1, 1, 1), **kw)
+
+    def __call__(self, volume: jax.Array) -> jax.Array:
+        """volume [B, D, H, W, C] -> [B, D, H, W, C]."""
+        if volume.ndim != 5 or volume.shape[-1] != self.volume_channels:
+            raise ValueError(
+                f"G3D expects [B, D, H, W, {self.volume_channels}], got {volume.shape}"
+            )
+        x = self.conv_in(volume)
+        skips = []
+        for level in self.down:
+            for block in level:
+                x = block(x)
+            skips.append(x)
+        skips.pop()  # the deepest level's output is x itself
+        for level in self.up:
+            skip = skips.pop()
+            x = layers.upsample_nearest(x, (2, 2, 2))
+            x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+            for block in level:
+                x = block(x)
+        x = self.conv_out(layers.relu(self.norm(x)))
+        return volume + x.astype(volume.dtype)
