@@ -24,9 +24,10 @@ flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, TensorBoard
 flags.mark_flags_as_required(["config", "workdir"])
 
 # stage name -> "module:function" of its train_and_evaluate(config, workdir).
-TRAINERS = {}
+TRAINERS = {
+    "face_latent": "vasa_jax.trainers.face_latent:train_and_evaluate",
+}
 NOT_BUILT = {
-    "face_latent": "the stage-1 face latent trainer is not built yet (issue #3)",
     "motion_dit": "the stage-2 motion diffusion trainer is not built yet (issue #4)",
 }
 

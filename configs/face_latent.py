@@ -2,8 +2,8 @@
 
 Variants: `configs/face_latent.py:size=tiny` (64x64, CPU tests), `size=small` (256x256),
 `size=full` (512x512, the paper's scale: volume 96x16x64x64, ~200M generator parameters).
-The loss section arrives with the stage-1 trainer. Parameter counts per module:
-`python scripts/count_params.py`.
+Sections: data, model, mesh, train, optim (generator), disc_optim (discriminator), loss
+(vasa_jax.trainers.face_latent). Parameter counts per module: `python scripts/count_params.py`.
 """
 
 import ml_collections

@@ -1,0 +1,457 @@
+"""The training skeleton both stages share: mesh, sharded state, resume, one jitted step, logs.
+
+A stage describes itself with a `Stage` (its models and optimizers, its step, its data, its
+image summary, its EMA) and calls `train(config, workdir, make_stage)`:
+
+    def train_and_evaluate(config, workdir):
+        return loop.train(config, workdir, make_stage)
+
+What `train` does, in order:
+  1. `jax.distributed` start-up when the environment asks for it (`maybe_initialize`), then
+     `make_stage(config)` (which may load frozen networks: VGG19, a face-ID embedder).
+  2. The mesh from `config.mesh.axes`; parameter shardings from the logical-axis rules
+     `config.mesh.rules`, computed on the abstract state (`abstract_state`, nothing
+     allocated).
+  3. Resume: the latest checkpoint in `<workdir>/checkpoints` (train state + grain iterator
+     position), else a fresh state created already sharded. A resumed run continues at the
+     next step with exactly the next batch.
+  4. ONE functional step, `jax.jit` with in/out shardings and the state donated, lowered and
+     compiled once up front (compile time and `memory_analysis()` logged):
+
+        step(state, batch, step_index, frozen) -> (state, metrics)
+          train_state = nnx.merge(graphdef, state)
+          metrics = stage.train_step(train_state, batch, rng, frozen)   # updates in place
+          EMA update (stage.ema)
+          return nnx.state(train_state), metrics
+
+     `rng` is `fold_in(key(config.seed), step_index)`: deterministic across resumes. Frozen
+     networks (`stage.frozen`, a pytree of arrays) are a separate replicated argument, never
+     part of the optimised (and checkpointed) state.
+  5. The loop: a global batch per step (`global_batch`); every log_every steps the metrics
+     averaged over those steps, plus perf/step_seconds and perf/data_wait (the share of wall
+     time spent waiting for the loader), into metrics.jsonl + TensorBoard + a progress line
+     with the ETA (main process); labelled image grids every image_every steps; checkpoints
+     every checkpoint_every steps (asynchronous) and at the end.
+  6. Stopping early: SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a
+     checkpoint and returns; a second Ctrl-C aborts at once. With several processes, a
+     cluster preemption notice (orbax `reached_preemption`) does the same, and a local
+     Ctrl-C is agreed on by all processes at the next log step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Mapping, NamedTuple
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vasa_jax import checkpointing
+from vasa_jax.parallel import distributed, sharding
+from vasa_jax.parallel.mesh import create_mesh
+from vasa_jax.trainers import logger as logger_lib
+
+CHECKPOINT_DIR = "checkpoints"
+# XLA:CPU options that cut compile time ~3x (LLVM at -O0) at the cost of slower steps: for
+# tests and smoke runs of the real models on CPU, never for training.
+FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+Batch = Mapping[str, Any]
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class EMA:
+    """An exponential moving average of one module of the train state, kept by the loop.
+
+    After every step: ema <- decay * ema + (1 - decay) * live for every nnx.Param; other
+    variables (e.g. normalisation statistics) are copied from the live module.
+    source / target: attribute names of the live module and its EMA copy on the train state.
+    """
+
+    source: str
+    target: str
+    decay: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What a training stage plugs into `train`.
+
+    create_state: () -> the train state, one nnx graph node holding the trained modules and
+      their nnx.Optimizers (e.g. an nnx.Module with attributes generator, ema,
+      discriminator, g_opt, d_opt). Deterministic: it runs twice (abstractly, then for
+      real, directly sharded).
+    train_step: (train_state, batch, rng, frozen) -> metrics {name: float32 scalar}. Runs
+      traced inside the loop's jitted step; it updates train_state in place (optimizer
+      updates) and must not add or remove variables.
+        batch: {key: global jax.Array [B, ...]} for `batch_keys`, sharded over the batch axes.
+        rng: a PRNG key, different every step.
+        frozen: `frozen` below, replicated on every device.
+    make_dataset: (process_index, process_count) -> grain.IterDataset of dict batches (this
+      process's rows; the iterator position is checkpointed).
+    batch_keys: the batch entries the step needs (others stay on the host; "num_skipped",
+      if present, is counted and logged as data/skipped_records).
+    frozen: a pytree of arrays (e.g. {"vgg": nnx.State}) the step reads but never updates;
+      the stage's train_step merges it with graphdefs it closes over.
+    image_summary: (train_state, batch, frozen) -> {row name: images [N, H, W, 3] in
+      [-1, 1]}, rows of a labelled grid (N = train.image_samples; batch holds the first N
+      examples of the run's first batch). None: no images.
+    ema: the EMA the loop maintains, if any.
+    progress_keys: metrics on the progress line (default: those named loss*).
+    """
+
+    create_state: Callable[[], Any]
+    train_step: Callable[[Any, Batch, jax.Array, Any], Metrics]
+    make_dataset: Callable[[int, int], grain.IterDataset]
+    batch_keys: tuple[str, ...]
+    frozen: Any = None
+    image_summary: Callable[[Any, Batch, Any], Mapping[str, jax.Array]] | None = None
+    ema: EMA | None = None
+    progress_keys: tuple[str, ...] | None = None
+
+
+class TrainResult(NamedTuple):
+    """What `train` returns (on every process)."""
+
+    step: int  # steps finished (== train.total_steps unless stopped early)
+    graphdef: Any  # nnx.merge(graphdef, state) gives the train state object
+    state: Any  # nnx.State of sharded jax.Arrays
+    metrics: dict[str, float]  # the last logged metrics ({} if no step ran)
+    compile_seconds: float | None  # lowering + compiling the step (None if no step ran)
+    memory: dict[str, int]  # compiled.memory_analysis() fields, bytes per device
+    stopped_early: bool  # a signal or preemption ended the run before total_steps
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+def update_ema(ema: nnx.Module, live: nnx.Module, decay: float | jax.Array) -> None:
+    """ema <- decay * ema + (1 - decay) * live for nnx.Params (in the EMA's dtype); other
+    variables of `live` are copied. Both modules must have the same structure."""
+    ema_params, live_params = nnx.state(ema, nnx.Param), nnx.state(live, nnx.Param)
+    if jax.tree.structure(ema_params) != jax.tree.structure(live_params):
+        raise ValueError("EMA and live modules have different parameter structures")
+
+    def blend(e, p):
+        mixed = decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32)
+        return mixed.astype(e.dtype)
+
+    nnx.update(ema, jax.tree.map(blend, ema_params, live_params))
+    others = nnx.state(live, nnx.Not(nnx.Param))
+    if jax.tree.leaves(others):
+        nnx.update(ema, others)
+
+
+def param_counts(train_state: Any) -> dict[str, int]:
+    """nnx.Param scalars per attribute of the train state (attributes without any skipped)."""
+    counts = {}
+    for name, value in vars(train_state).items():
+        if isinstance(value, nnx.Module):
+            n = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(value, nnx.Param)))
+            if n:
+                counts[name] = int(n)
+    return counts
+
+
+def memory_stats(compiled: Any) -> dict[str, int]:
+    """The byte counts of `compiled.memory_analysis()` ({} where the backend has none)."""
+    try:
+        analysis = compiled.memory_analysis()
+    except (NotImplementedError, jax.errors.JaxRuntimeError):
+        return {}
+    if analysis is None:
+        return {}
+    return {name: int(getattr(analysis, name)) for name in dir(analysis)
+            if name.endswith("_in_bytes") and isinstance(getattr(analysis, name), int)}
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _replicate(tree: Any, replicated: NamedSharding) -> Any:
+    """Host or single-device arrays -> copies on every device of the mesh (multi-host safe:
+    each process fills its own devices from its own copy, identical on all processes)."""
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
+
+
+def _host(tree: Any) -> Any:
+    """Replicated jax.Arrays -> numpy (from this process's first shard: works multi-host)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+class _StopRequest:
+    """Turns SIGINT (and SIGTERM when single-process) into a "save and stop" request.
+
+    SIGTERM is left alone with several processes: jax.distributed's preemption notifier
+    owns it there, and orbax's `reached_preemption` reports it to every process at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop without saving
+        self.requested = True
+        logging.warning("%s received: finishing this step, saving a checkpoint, stopping "
+                        "(Ctrl-C again to abort without saving)", signal.Signals(signum).name)
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _all_agree_to_stop(local: bool) -> bool:
+    """True on every process if any process asked to stop (a collective: call everywhere)."""
+    if jax.process_count() == 1:
+        return local
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def create_state(create_fn: Callable[[], Any], shardings: Any, mesh: Mesh, rules: Any,
+                 compiler_options: Mapping[str, Any] | None = None) -> Any:
+    """The real state `nnx.split(create_fn())[1]`, created directly with `shardings`.
+
+    `sharding.create_sharded_state` given the shardings already computed (it would trace
+    create_fn abstractly once more: slow for a big model) and XLA compiler options.
+    """
+
+    def init():
+        with nnx.use_eager_sharding(False):
+            return nnx.split(create_fn())[1]
+
+    with sharding.mesh_rules(mesh, rules):
+        lowered = jax.jit(init, out_shardings=shardings).lower()
+    return lowered.compile(compiler_options)()
+
+
+def make_step_fn(graphdef: Any, stage: Stage, seed: int) -> Callable:
+    """The functional step (state, batch, step_index, frozen) -> (state, metrics)."""
+
+    def step(state, batch, step_index, frozen):
+        train_state = nnx.merge(graphdef, state)
+        rng = jax.random.fold_in(jax.random.key(seed), step_index)
+        metrics = stage.train_step(train_state, batch, rng, frozen)
+        if stage.ema is not None:
+            update_ema(getattr(train_state, stage.ema.target),
+                       getattr(train_state, stage.ema.source), stage.ema.decay)
+        return nnx.state(train_state), metrics
+
+    return step
+
+
+class ImageFn:
+    """(state, batch, frozen) -> tuple of row images, for the first num_samples batch rows.
+
+    Rows come back as a tuple (a jitted dict output would come back with sorted keys);
+    `row_names` holds their names, in the stage's order, once the function was traced.
+    """
+
+    def __init__(self, graphdef: Any, stage: Stage, num_samples: int):
+        self.graphdef = graphdef
+        self.stage = stage
+        self.num_samples = num_samples
+        self.row_names: tuple[str, ...] | None = None
+
+    def __call__(self, state, batch, frozen) -> tuple[jax.Array, ...]:
+        train_state = nnx.merge(self.graphdef, state)
+        first = jax.tree.map(lambda x: x[:self.num_samples], batch)
+        rows = self.stage.image_summary(train_state, first, frozen)
+        self.row_names = tuple(rows)
+        return tuple(rows.values())
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          make_stage: Callable[[ml_collections.ConfigDict], Stage], *,
+          compiler_options: Mapping[str, Any] | None = None) -> TrainResult:
+    """Trains (or resumes) the stage `make_stage(config)` in `workdir`; see the module doc.
+
+    Reads config.seed, config.mesh (axes, rules) and config.train (configs.common
+    .train_config). Every process must call it.
+    compiler_options: XLA options for compiling the init and the step, e.g.
+      `FAST_CPU_COMPILE` for smoke tests (3x faster CPU compiles, slower steps).
+    """
+    distributed.maybe_initialize()
+    t = config.train
+    main = distributed.is_main_process()
+    stage = make_stage(config)
+    if main:
+        os.makedirs(workdir, exist_ok=True)
+
+    mesh = create_mesh(config.mesh.axes)
+    rules = config.mesh.rules
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = sharding.data_sharding(mesh)
+
+    graphdef, abstract, shardings = sharding.abstract_state(stage.create_state, mesh, rules)
+    counts = param_counts(nnx.merge(graphdef, abstract))
+    logging.info("parameters: %s", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+
+    data_iter = iter(stage.make_dataset(jax.process_index(), jax.process_count()))
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=t.keep_checkpoints,
+        keep_period=t.keep_period or None, async_save=t.async_checkpoints,
+    )
+    start = time.perf_counter()
+    state, step = checkpointer.restore_or_create(
+        abstract,
+        lambda: create_state(stage.create_state, shardings, mesh, rules, compiler_options),
+        data_iter=data_iter,
+    )
+    logging.info("%s at step %d of %d (state ready in %.1f s; workdir %s)",
+                 "resuming" if step else "starting", step, t.total_steps,
+                 time.perf_counter() - start, workdir)
+    frozen = _replicate(stage.frozen, replicated)
+    writer = logger_lib.MetricWriter(workdir, enabled=main)
+
+    def next_batch() -> tuple[dict, int]:
+        local = next(data_iter)
+        missing = [k for k in stage.batch_keys if k not in local]
+        if missing:
+            raise KeyError(f"the dataset's batches lack {missing} (have {sorted(local)})")
+        skipped = int(np.sum(local["num_skipped"])) if "num_skipped" in local else 0
+        batch = sharding.global_batch({k: local[k] for k in stage.batch_keys}, batch_sharding)
+        return batch, skipped
+
+    compile_seconds, memory, last_metrics, stopped = None, {}, {}, False
+    last_saved = step if checkpointer.latest_step() == step else None
+    try:
+        if step >= t.total_steps:
+            logging.info("nothing to do: step %d >= train.total_steps %d", step, t.total_steps)
+            return TrainResult(step, graphdef, state, {}, None, {}, False)
+
+        step_fn = jax.jit(
+            make_step_fn(graphdef, stage, config.seed),
+            in_shardings=(shardings, batch_sharding, replicated, replicated),
+            out_shardings=(shardings, replicated),
+            donate_argnums=0,
+        )
+        batch, skipped = next_batch()
+        image_batch = batch  # image summaries always show the run's first examples
+        step_index = np.int32(step)
+        start = time.perf_counter()
+        with sharding.mesh_rules(mesh, rules):
+            lowered = step_fn.lower(abstract, batch, step_index, frozen)
+        traced = time.perf_counter()
+        compiled = lowered.compile(compiler_options)
+        compile_seconds = time.perf_counter() - start
+        memory = memory_stats(compiled)
+        logging.info(
+            "train step compiled in %.1f s (tracing %.1f s, XLA %.1f s); per device: %s",
+            compile_seconds, traced - start, compile_seconds - (traced - start),
+            ", ".join(f"{k.removesuffix('_in_bytes')} {_mib(v)}" for k, v in memory.items() if v),
+        )
+        image_fn = image_compiled = None  # compiled at the first image step
+        make_images = stage.image_summary is not None and t.image_every > 0
+
+        def write_images(at_step: int) -> None:
+            nonlocal image_fn, image_compiled
+            start = time.perf_counter()
+            if image_fn is None:
+                image_fn = ImageFn(graphdef, stage, t.image_samples)
+                jitted = jax.jit(image_fn, in_shardings=(shardings, batch_sharding, replicated),
+                                 out_shardings=replicated)
+                with sharding.mesh_rules(mesh, rules):
+                    image_compiled = jitted.lower(abstract, image_batch, frozen).compile(
+                        compiler_options)
+            rows = dict(zip(image_fn.row_names, _host(image_compiled(state, image_batch, frozen))))
+            grid = logger_lib.image_grid(rows)
+            paths = writer.write_images(at_step, {"samples": grid})
+            logging.info("images at step %d (%.1f s): %s", at_step, time.perf_counter() - start,
+                         " ".join(paths))
+
+        def save(at_step: int) -> None:
+            nonlocal last_saved
+            checkpointer.save(at_step, state, data_iter=data_iter, config=config, force=True)
+            last_saved = at_step
+
+        pending: list[Metrics] = []
+        interval_start, data_wait, excluded = time.perf_counter(), 0.0, 0.0
+        interval_skipped = skipped
+        with _StopRequest() as stop:
+            while step < t.total_steps:
+                if batch is None:
+                    start = time.perf_counter()
+                    batch, skipped = next_batch()
+                    data_wait += time.perf_counter() - start
+                    interval_skipped += skipped
+                state, metrics = compiled(state, batch, np.int32(step), frozen)
+                batch = None
+                step += 1
+                pending.append(metrics)
+
+                log_now = step % t.log_every == 0 or step == t.total_steps
+                if log_now:
+                    host = _host(pending)
+                    means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                    wall = time.perf_counter() - interval_start - excluded
+                    step_seconds = wall / len(pending)
+                    share = min(1.0, data_wait / wall) if wall > 0 else 0.0
+                    last_metrics = {
+                        **means, "perf/step_seconds": step_seconds, "perf/data_wait": share,
+                        "data/skipped_records": float(interval_skipped),
+                    }
+                    writer.write_scalars(step, last_metrics)
+                    if main:
+                        logging.info(logger_lib.progress_line(
+                            step, t.total_steps, means, step_seconds=step_seconds,
+                            data_wait=share, eta_seconds=step_seconds * (t.total_steps - step),
+                            keys=stage.progress_keys))
+                    pending = []
+                    interval_start, data_wait, excluded = time.perf_counter(), 0.0, 0.0
+                    interval_skipped = 0
+
+                start = time.perf_counter()
+                if make_images and (step % t.image_every == 0 or step == t.total_steps):
+                    write_images(step)
+                if t.checkpoint_every and step % t.checkpoint_every == 0:
+                    save(step)
+                # Several processes must stop at the same step: a local Ctrl-C is agreed on
+                # at log steps (a collective); preemption reaches all through orbax.
+                if jax.process_count() == 1:
+                    stop_now = stop.requested
+                else:
+                    stop_now = log_now and _all_agree_to_stop(stop.requested)
+                if (stop_now or checkpointer.reached_preemption(step)) and step < t.total_steps:
+                    logging.warning("stopping early at step %d", step)
+                    stopped = True
+                    break
+                excluded += time.perf_counter() - start
+
+        if last_saved != step:  # the final (or stop-time) checkpoint
+            save(step)
+        return TrainResult(step, graphdef, state, last_metrics, compile_seconds, memory, stopped)
+    finally:
+        checkpointer.close()  # waits for pending asynchronous saves
+        writer.close()
