@@ -1,0 +1,822 @@
+"""Stage-1 evaluator: how well the face latent model reconstructs, transfers and disentangles.
+
+    python -m vasa_jax.evaluate face_latent --workdir W --data D [--split test]
+        [--max_clips N] [--out DIR] [--step S] [--face_id PATH]
+
+Restores the latest (or --step) checkpoint of a stage-1 run in W (the EMA generator; the
+live one if the checkpoint has no EMA) and measures, on the clips of split --split
+(held-out "test" by default):
+
+- Self-reenactment (VASA-1 sec 3.1's reconstruction): source = frame 0 of a clip,
+  driving = `frames_per_clip` other frames of the same clip (evenly spaced), output =
+  D(V_app, z_id of the source; z_pose, z_dyn of the driving frame), target = the driving
+  frame. PSNR (dB) and SSIM (`vasa_jax.metrics.image`, images in [-1, 1], outputs clipped
+  to it), averaged over all (source, driving) pairs.
+- Cross-reenactment identity similarity (what l_cross-id trains for): source = frame 0 of
+  clip c, motion from the driving frames of the next clip (in split order) of ANOTHER
+  identity. Reported: the mean cosine similarity between the face-ID embeddings of the
+  output and of the source, next to two references: the same for the self-reenacted
+  outputs (same identity: the ceiling) and between the cross driver frames and the
+  source (another identity: the floor). Embeddings come from the face-ID network of the
+  run's config (loss.face_id_path, or --face_id). Without one the FALLBACK is the cosine
+  similarity of the model's own z_id of output and source, labelled as such: it checks
+  that the generator keeps its own identity code, not that a face recogniser would agree.
+- Linear probes (`vasa_jax.metrics.probes`, closed-form ridge, held-out R^2) of the
+  ground-truth labels from the latent codes of single frames:
+    pose (yaw, pitch, roll) <- z_pose        should be HIGH
+    pose (yaw, pitch, roll) <- z_dyn         the disentanglement check: should be LOW
+                                             (pose leaks into z_dyn without l_consist)
+    mouth_open, blink, gaze <- z_dyn         should be high
+    emotion <- z_dyn                         accuracy vs the majority-class rate
+  Probes are fitted on frames of train-split clips (ridge strength chosen by k-fold
+  cross-validation over those clips) and scored on the evaluated split's frames. If the
+  dataset has no train split (or --split is train), they are k-fold cross-validated on
+  the evaluated frames with folds split by clip (frames of one clip are never on both
+  sides). A probe whose labels some clip lacks is skipped, with the reason in the output.
+- A figure (PNG): one column per clip, rows: source, driving (a frame of another
+  identity), pose-only transfer (source dynamics + driving pose), dynamics-only transfer
+  (source pose + driving dynamics), full transfer (driving pose + dynamics).
+
+Writes <out>/face_latent_<split>_step<step>.png and .json (all numbers; default out =
+W/eval) and prints a summary whose last line is `psnr: X`. All model calls are jitted, in
+fixed-size batches (the last padded) sharded over the mesh's batch axes; clips are read
+directly from the shards (no augmentation). It runs in one process, on all its devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from PIL import Image
+
+from data_pipeline import schema
+from data_pipeline import transforms as T
+from vasa_jax import checkpointing
+from vasa_jax.metrics import image as image_metrics
+from vasa_jax.metrics import probes
+from vasa_jax.parallel import sharding
+from vasa_jax.parallel.mesh import create_mesh
+from vasa_jax.trainers.loop import CHECKPOINT_DIR, FAST_CPU_COMPILE
+
+NAME = "face_latent"
+DESCRIPTION = "stage 1: reconstruction PSNR/SSIM, cross-reenactment identity, latent probes"
+ANGLES = schema.POSE_NAMES[:3]  # yaw, pitch, roll (degrees)
+FIGURE_ROWS = ("source", "driving", "pose only", "dynamics only", "full transfer")
+MIN_CLIPS = 2
+
+
+# ----------------------------------------------------------------------------- restoring
+
+
+def _tuples(x: Any) -> Any:
+    """JSON lists -> tuples, recursively (configs use tuples; JSON has only lists)."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
+def _checkpointer(workdir: str) -> checkpointing.Checkpointer:
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir!r} does not exist")
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    # Checked before the Checkpointer is made: it would create the folder.
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"{workdir!r} has no {CHECKPOINT_DIR}/ folder: not a training run (train one with "
+            "`python train.py --config configs/face_latent.py --workdir W ...`)")
+    ckpt = checkpointing.Checkpointer(directory, max_to_keep=None, async_save=False)
+    if ckpt.latest_step() is None:
+        ckpt.close()
+        raise FileNotFoundError(f"no finished checkpoint in {directory}")
+    return ckpt
+
+
+def eval_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The run's mesh if this machine's devices fit it, else all devices on the first axis
+    (data parallel; evaluation needs no model parallelism at the scales here)."""
+    axes = tuple(tuple(a) for a in config.mesh.axes)
+    try:
+        return create_mesh(axes)
+    except ValueError as e:
+        logging.warning("the run's mesh %s does not fit here (%s); evaluating data-parallel",
+                        axes, e)
+        return create_mesh(tuple((name, -1 if i == 0 else 1) for i, (name, _) in enumerate(axes)))
+
+
+@dataclasses.dataclass
+class Restored:
+    """A restored stage-1 generator and where it came from."""
+
+    config: ml_collections.ConfigDict
+    model: Any  # vasa_jax.models.face_latent.FaceLatentModel, arrays placed on `mesh`
+    step: int
+    weights: str  # "ema" or "live"
+    mesh: jax.sharding.Mesh
+
+
+def restore(workdir: str, step: int | None = None, *,
+            mesh: jax.sharding.Mesh | None = None) -> Restored:
+    """Restores the generator of a stage-1 run's checkpoint (latest unless `step`).
+
+    The train state is rebuilt by the trainer itself (vasa_jax.trainers.face_latent
+    .TrainState from the checkpoint's config), restored onto `mesh` (default: `eval_mesh`),
+    and its `ema` generator (the loop's EMA target) is returned, or `generator`, the live
+    weights, if the state has none. The whole state is read (optimizer moments and the
+    discriminator included): the checkpoint format has no generator-only item.
+    """
+    from vasa_jax.trainers import face_latent as trainer  # heavy: VGG19, losses, loaders
+
+    ckpt = _checkpointer(workdir)
+    try:
+        step = ckpt.latest_step() if step is None else int(step)
+        config = ml_collections.ConfigDict(_tuples(ckpt.restore_config(step)))
+        if config.get("stage") != NAME:
+            raise ValueError(f"{workdir!r} holds a {config.get('stage')!r} run, not {NAME!r}")
+        mesh = eval_mesh(config) if mesh is None else mesh
+        rules = config.mesh.rules
+        graphdef, abstract, _ = sharding.abstract_state(
+            lambda: trainer.TrainState(config), mesh, rules)
+        state = ckpt.restore(abstract, step)
+    finally:
+        ckpt.close()
+    train_state = nnx.merge(graphdef, state)
+    model = getattr(train_state, "ema", None)
+    weights = "ema"
+    if model is None:
+        model, weights = train_state.generator, "live"
+    logging.info("restored the %s generator of step %d from %s", weights, step, workdir)
+    return Restored(config, model, step, weights, mesh)
+
+
+def restore_face_model(workdir: str, step: int | None = None
+                       ) -> tuple[ml_collections.ConfigDict, Any]:
+    """(config, FaceLatentModel) of a stage-1 run: the EMA generator of its latest (or
+    `step`) checkpoint. See `restore`."""
+    r = restore(workdir, step)
+    return r.config, r.model
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class ClipFrames:
+    """Frames of one clip chosen for evaluation, already resized.
+
+    frames: uint8 [K, S, S, 3]; frame_ids: int [K] (positions in the clip; for held-out
+    clips frame_ids[0] = 0 is the source, the rest are driving frames); labels: name ->
+    [K, ...] for the labels the clip has.
+    """
+
+    clip_id: str
+    identity: int
+    frames: np.ndarray
+    frame_ids: np.ndarray
+    labels: dict[str, np.ndarray]
+
+
+def _spread(n_total: int, n: int | None) -> np.ndarray:
+    """Up to n indices of range(n_total), evenly spread (all of them if n is None)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.unique(np.linspace(0, n_total - 1, n).round().astype(int))
+
+
+def read_clips(
+    directory: str, split: str, image_size: int, *, max_clips: int | None,
+    frames_per_clip: int, include_first: bool, progress: bool = True,
+) -> tuple[list[ClipFrames], int]:
+    """Reads clips of a split (evenly spread over it if max_clips is set).
+
+    include_first: frame 0 plus `frames_per_clip` evenly spaced frames of 1..T-1 (a source
+    and its driving frames); else `frames_per_clip` evenly spaced frames of 0..T-1.
+    Returns (clips, number of records skipped as unreadable or shorter than 2 frames).
+    """
+    from data_pipeline.loaders import load_clip_index
+
+    index = load_clip_index(directory, split)  # FileNotFoundError names the splits present
+    usable = np.flatnonzero((index.num_frames >= 2) & (index.identity_id >= 0))
+    skipped = len(index) - len(usable)
+    source = schema.read_records(index.paths)
+    chosen = usable[_spread(len(usable), max_clips)]
+    clips = []
+    for rid in _progress(chosen, f"reading {split} clips", progress):
+        try:
+            clip = schema.decode_clip(source[int(rid)])
+            t = clip.num_frames
+            if include_first:
+                ids = np.concatenate([[0], 1 + _spread(t - 1, frames_per_clip)])
+            else:
+                ids = _spread(t, frames_per_clip)
+            frames = np.stack([T.resize_square(f, image_size) for f in clip.decode_frames(ids)])
+        except schema.CorruptRecordError as e:
+            logging.warning("%s record %d unusable: %s", split, rid, e)
+            skipped += 1
+            continue
+        clips.append(ClipFrames(clip.clip_id, int(clip.identity_id), frames, ids,
+                                {k: v[ids] for k, v in clip.labels.items()}))
+    return clips, skipped
+
+
+def _progress(iterable, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- model calls
+
+
+def _z_id_embedding(gen, params, images: jax.Array) -> jax.Array:
+    """The FALLBACK identity embedding: the generator's own z_id, L2-normalised."""
+    del params
+    z = gen.id_encoder(images).astype(jnp.float32)
+    return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-6)
+
+
+def identity_function(face_id_path: str) -> tuple[Callable, Any, str, str]:
+    """How identity embeddings are computed: (fn, params, method, label).
+
+    fn(generator, params, images [B, S, S, 3] in [-1, 1]) -> unit-norm embeddings [B, E].
+    method "face_id": the frozen face-ID network (vasa_jax.models.face_id.load_face_id);
+    method "z_id": the FALLBACK, the evaluated generator's own identity encoder.
+    """
+    if not face_id_path:
+        return (_z_id_embedding, {}, "z_id", "FALLBACK: cosine of the model's own z_id (no "
+                "face-ID weights configured; not an independent identity measure)")
+    from vasa_jax.models.face_id import load_face_id
+
+    if not os.path.exists(face_id_path):
+        raise FileNotFoundError(
+            f"face-ID model {face_id_path!r} (the run's loss.face_id_path, or --face_id) not "
+            "found; pass --face_id PATH, or --face_id '' for the z_id fallback")
+    embedder = load_face_id(face_id_path)
+    return (lambda gen, params, x: embedder.apply(params, x), embedder.params, "face_id",
+            f"face-ID cosine ({face_id_path})")
+
+
+class Rows:
+    """Rows `index` of `base`, gathered lazily: `Rows(frames, [0, 0, 5])[a:b]`.
+
+    Pairs repeat the same source frame many times; gathering per batch avoids a copy of
+    every pair's frames on the host.
+    """
+
+    def __init__(self, base: np.ndarray, index: np.ndarray):
+        self.base, self.index = base, np.asarray(index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        return self.base[self.index[s]]
+
+
+def _to_float(frames: jax.Array) -> jax.Array:
+    """uint8 frames -> float32 in [-1, 1] (data_pipeline.transforms.to_signed_float, on
+    the device: a quarter of the host-to-device bytes)."""
+    return frames.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+
+
+# The model functions are jitted once per set of XLA compiler options, with the generator's
+# graphdef (and the identity function) static: every BatchRunner of the same architecture,
+# e.g. one per evaluated checkpoint of a run, reuses their compiled executables.
+
+
+def _encode_motion(graphdef, state, frames):
+    return nnx.merge(graphdef, state).encode_motion(_to_float(frames))
+
+
+def _transfer(graphdef, identity, state, id_params, source, z_pose, z_dyn):
+    """Source frames' appearance + identity with the given motion -> (images in [-1, 1],
+    their identity embeddings)."""
+    gen = nnx.merge(graphdef, state)
+    source = _to_float(source)
+    src_pose, src_dyn = gen.encode_motion(source)
+    v_app, z_id = gen.encode_appearance(source, src_pose, src_dyn)
+    out = jnp.clip(gen.decode(v_app, z_id, z_pose, z_dyn), -1.0, 1.0)
+    return out, identity(gen, id_params, out)
+
+
+def _embed(graphdef, identity, state, id_params, frames):
+    return identity(nnx.merge(graphdef, state), id_params, _to_float(frames))
+
+
+def _quality(images, target_frames):
+    target = _to_float(target_frames)
+    return image_metrics.psnr(images, target), image_metrics.ssim(images, target)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(compiler_options: tuple[tuple[str, Any], ...] = ()) -> dict[str, Callable]:
+    """The jitted evaluation functions for one (hashable) set of XLA compiler options."""
+    jit = functools.partial(jax.jit, compiler_options=dict(compiler_options) or None)
+    return {
+        "encode_motion": jit(_encode_motion, static_argnums=0),
+        "transfer": jit(_transfer, static_argnums=(0, 1)),
+        "embed": jit(_embed, static_argnums=(0, 1)),
+        "quality": jit(_quality),
+    }
+
+
+class BatchRunner:
+    """The evaluator's jitted model functions, applied in fixed-size sharded batches.
+
+    Frames go in as uint8 [N, S, S, 3]. Every call sees exactly `batch_size` rows (the
+    last batch padded by repeating its first row) laid out over the mesh's batch axes, so
+    each function compiles once; results are cut back to the real rows on the host.
+    Generated images stay on the device unless asked for.
+    """
+
+    def __init__(self, model, mesh: jax.sharding.Mesh, rules, batch_size: int,
+                 face_id_path: str = "", compiler_options: dict[str, Any] | None = None):
+        shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
+        self.batch_size = max(1, math.ceil(batch_size / shards)) * shards
+        self.mesh, self.rules = mesh, rules
+        self.data_sharding = sharding.data_sharding(mesh)
+        self.image_size = int(model.image_size)
+        self.graphdef, self.state = nnx.split(model)
+        self.identity, params, self.id_method, self.id_label = identity_function(face_id_path)
+        self.id_params = jax.device_put(params, jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec()))
+        self._fns = _jitted(tuple(sorted((compiler_options or {}).items())))
+
+    @staticmethod
+    def images(frames: np.ndarray) -> np.ndarray:
+        """uint8 [..., 3] -> float32 in [-1, 1]."""
+        return T.to_signed_float(frames)
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        pad = self.batch_size - len(x)
+        if pad:
+            x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
+        return jax.device_put(x, self.data_sharding)
+
+    def map(self, fn: Callable, inputs: Sequence[np.ndarray | Rows], desc: str = "",
+            progress: bool = False) -> Any:
+        """fn(*padded device batches) -> pytree of [batch_size, ...] arrays, over row-aligned
+        inputs [N, ...] (numpy or `Rows`); returns the pytree of numpy [N, ...] results."""
+        n = len(inputs[0])
+        pieces = []
+        with sharding.mesh_rules(self.mesh, self.rules):
+            for i in _progress(range(0, n, self.batch_size), desc, progress):
+                rows = min(self.batch_size, n - i)
+                res = fn(*[self._put(x[i:i + rows]) for x in inputs])
+                pieces.append(jax.tree.map(lambda a, r=rows: np.asarray(a)[:r], res))
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *pieces)
+
+    def encode_motion(self, frames: np.ndarray, progress: bool = True
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 frames [N, S, S, 3] -> (z_pose [N, 7], z_dyn [N, dyn_dim])."""
+        fn = self._fns["encode_motion"]
+        return self.map(lambda x: fn(self.graphdef, self.state, x), [frames],
+                        "encoding motion", progress)
+
+    def embed(self, frames: np.ndarray | Rows, progress: bool = False) -> np.ndarray:
+        """uint8 frames [N, S, S, 3] -> identity embeddings [N, E]."""
+        fn = self._fns["embed"]
+        return self.map(lambda x: fn(self.graphdef, self.identity, self.state, self.id_params,
+                                     x), [frames],
+                        "identity embeddings", progress)
+
+    def reenact(self, sources: np.ndarray | Rows, z_pose: np.ndarray, z_dyn: np.ndarray,
+                targets: np.ndarray | Rows | None = None, *, return_images: bool = False,
+                desc: str = "", progress: bool = True) -> dict[str, np.ndarray]:
+        """Decodes sources' appearance with the given motion.
+
+        sources, targets: uint8 frames [N, S, S, 3]; z_pose [N, 7]; z_dyn [N, D]. Returns
+        {"embedding": [N, E]} plus "psnr", "ssim" [N] against targets (if given) and
+        "images" [N, S, S, 3] in [-1, 1] (if return_images).
+        """
+        transfer, quality = self._fns["transfer"], self._fns["quality"]
+
+        def fn(src, pose, dyn, *target):
+            out, emb = transfer(self.graphdef, self.identity, self.state, self.id_params, src,
+                                pose, dyn)
+            res = {"embedding": emb}
+            if target:
+                res["psnr"], res["ssim"] = quality(out, target[0])
+            if return_images:
+                res["images"] = out
+            return res
+
+        inputs = [sources, z_pose, z_dyn] + ([] if targets is None else [targets])
+        return self.map(fn, inputs, desc, progress)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What `evaluate` measures on (the CLI flags)."""
+
+    split: str = "test"
+    max_clips: int | None = None  # evaluated clips (None: all of the split)
+    frames_per_clip: int = 8  # driving frames per clip (besides the source, frame 0)
+    probe_clips: int = 256  # train-split clips whose frames fit the probes
+    probe_frames_per_clip: int = 16
+    kfold: int = 5  # folds when probes are cross-validated on the evaluated split
+    figure_columns: int = 6
+    batch_size: int = 16  # rounded up to a multiple of the batch-axis devices
+    face_id: str | None = None  # face-ID export; None: the run's loss.face_id_path
+    step: int | None = None  # checkpoint step (None: latest)
+    progress: bool = True
+    # XLA:CPU at -O0 (vasa_jax.trainers.loop.FAST_CPU_COMPILE): ~3x faster compiles, slower
+    # batches. For smoke tests on CPU; the numbers are the same up to float rounding.
+    fast_cpu_compile: bool = False
+
+    def __post_init__(self):
+        if self.split not in schema.SPLITS:
+            raise ValueError(f"split must be one of {schema.SPLITS}, got {self.split!r}")
+        for name in ("frames_per_clip", "probe_frames_per_clip", "figure_columns",
+                     "batch_size", "probe_clips"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_clips is not None and self.max_clips < MIN_CLIPS:
+            raise ValueError(f"max_clips must be >= {MIN_CLIPS}, got {self.max_clips}")
+        if self.kfold < 2:
+            raise ValueError(f"kfold must be >= 2, got {self.kfold}")
+
+
+def _driver_clip(clips: Sequence[ClipFrames], c: int) -> int | None:
+    """The next clip after c (cyclically) of another identity, or None if there is none."""
+    n = len(clips)
+    for k in range(1, n):
+        if clips[(c + k) % n].identity != clips[c].identity:
+            return (c + k) % n
+    return None
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=-1) / np.maximum(
+        np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+PROBES = (
+    # name, label, latent, target columns (None: all), column names
+    ("pose_from_z_pose", "pose", "z_pose", slice(0, 3), ANGLES),
+    ("pose_from_z_dyn", "pose", "z_dyn", slice(0, 3), ANGLES),
+    ("mouth_open_from_z_dyn", "mouth_open", "z_dyn", None, ("mouth_open",)),
+    ("blink_from_z_dyn", "blink", "z_dyn", None, ("blink",)),
+    ("gaze_from_z_dyn", "gaze", "z_dyn", None, ("theta", "phi")),
+)
+
+
+def _stack_labels(clips: Sequence[ClipFrames], name: str) -> np.ndarray | None:
+    """The label of every frame of the clips, concatenated; None if any clip lacks it."""
+    if not clips or any(name not in c.labels for c in clips):
+        return None
+    return np.concatenate([c.labels[name] for c in clips])
+
+
+def _clip_groups(clips: Sequence[ClipFrames]) -> np.ndarray:
+    """The clip (position in `clips`) of every frame, concatenated: [N]."""
+    return np.concatenate([np.full(len(c.frame_ids), i) for i, c in enumerate(clips)])
+
+
+def _emotion_probe(x_train, y_train, groups_train, x_test, y_test, groups_test, k
+                   ) -> dict[str, Any]:
+    """Emotion accuracy from z_dyn: train -> test, or (x_train None) pooled over k folds of
+    the test set by clip."""
+    if x_train is not None:
+        return probes.classifier_probe(x_train, y_train, x_test, y_test,
+                                       groups_train=groups_train).to_json()
+    correct = chance = 0.0
+    for tr, te in probes.group_kfold(groups_test, k):
+        r = probes.classifier_probe(x_test[tr], y_test[tr], x_test[te], y_test[te],
+                                    groups_train=groups_test[tr])
+        correct += r.accuracy * len(te)
+        chance += r.chance * len(te)
+    return {"accuracy": correct / len(y_test), "chance": chance / len(y_test),
+            "num_test": int(len(y_test))}
+
+
+def run_probes(
+    test_clips: Sequence[ClipFrames], test_latents: dict[str, np.ndarray],
+    train_clips: Sequence[ClipFrames] | None, train_latents: dict[str, np.ndarray] | None,
+    kfold: int,
+) -> dict[str, Any]:
+    """All probes of the module docstring; `train_clips` None: cross-validated.
+
+    latents: {"z_pose": [N, 7], "z_dyn": [N, D]}, rows aligned with the clips' frames
+    (concatenated in order). Returns {"protocol", "skipped": {probe: reason}, probe: result}.
+    """
+    cross_validate = train_clips is None
+    groups = _clip_groups(test_clips)
+    train_groups = None if cross_validate else _clip_groups(train_clips)
+    k = min(kfold, len(test_clips))
+    protocol = (f"{k}-fold cross-validation on the evaluated clips (folds by clip)"
+                if cross_validate else "fit on train-split frames, scored on evaluated frames")
+    results: dict[str, Any] = {"protocol": protocol, "skipped": {}}
+
+    def labels(label):
+        """(train, test) labels, or a reason why the probe is skipped."""
+        y_test = _stack_labels(test_clips, label)
+        y_train = None if cross_validate else _stack_labels(train_clips, label)
+        if y_test is None or (not cross_validate and y_train is None):
+            where = " and ".join(s for s, y in (("evaluated", y_test), ("train", y_train))
+                                 if y is None and (s == "evaluated" or not cross_validate))
+            return f"label {label!r} missing from some {where} clips"
+        return y_train, y_test
+
+    for name, label, latent, cols, names in PROBES:
+        ys = labels(label)
+        if isinstance(ys, str):
+            results["skipped"][name] = ys
+            continue
+        y_train, y_test = (None if y is None else
+                           y.astype(np.float64).reshape(len(y), -1)[:, cols or slice(None)]
+                           for y in ys)
+        if cross_validate:
+            res = probes.kfold_probe(test_latents[latent], y_test, groups, k=k, names=names)
+        else:
+            res = probes.linear_probe(train_latents[latent], y_train, test_latents[latent],
+                                      y_test, names=names, groups_train=train_groups)
+        results[name] = res.to_json()
+
+    ys = labels("emotion")
+    if isinstance(ys, str):
+        results["skipped"]["emotion_from_z_dyn"] = ys
+    else:
+        try:
+            results["emotion_from_z_dyn"] = _emotion_probe(
+                None if cross_validate else train_latents["z_dyn"], ys[0], train_groups,
+                test_latents["z_dyn"], ys[1], groups, k)
+        except ValueError as e:  # e.g. a single emotion among the training frames
+            results["skipped"]["emotion_from_z_dyn"] = str(e)
+    return results
+
+
+def evaluate(workdir: str, data: str, settings: Settings = Settings(),
+             out_dir: str | None = None) -> dict[str, Any]:
+    """Runs the whole evaluation (see the module docstring); returns the JSON dict.
+
+    Raises FileNotFoundError (no workdir / checkpoint / split / face-ID model) or
+    ValueError (too few clips, not a stage-1 run) with a message saying what to fix.
+    Host memory: the evaluated frames, clips x (frames_per_clip + 1) x S x S x 3 bytes.
+    """
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if not os.path.isdir(data):
+        raise FileNotFoundError(f"dataset folder {data!r} does not exist")
+    schema.DatasetInfo.load(data)  # a clear error if `data` is not a clip-record dataset
+    restored = restore(workdir, settings.step)
+    config = restored.config
+    face_id_path = (settings.face_id if settings.face_id is not None
+                    else str(config.loss.get("face_id_path", "") or ""))
+    runner = BatchRunner(restored.model, restored.mesh, config.mesh.rules, settings.batch_size,
+                         face_id_path, FAST_CPU_COMPILE if settings.fast_cpu_compile else None)
+    size = runner.image_size
+    timings["restore"] = time.perf_counter() - start
+
+    t0 = time.perf_counter()
+    clips, skipped = read_clips(data, settings.split, size, max_clips=settings.max_clips,
+                                frames_per_clip=settings.frames_per_clip, include_first=True,
+                                progress=settings.progress)
+    if len(clips) < MIN_CLIPS:
+        raise ValueError(
+            f"{data!r} split {settings.split!r} has {len(clips)} usable clips (>= 2 frames); "
+            f"the evaluation needs >= {MIN_CLIPS} ({skipped} records skipped)")
+    train_clips = None
+    if settings.split != "train":
+        try:
+            train_clips, _ = read_clips(
+                data, "train", size, max_clips=settings.probe_clips,
+                frames_per_clip=settings.probe_frames_per_clip, include_first=False,
+                progress=settings.progress)
+        except FileNotFoundError:
+            logging.warning("%s has no train split: probes are cross-validated", data)
+        if train_clips is not None and len(train_clips) < MIN_CLIPS:
+            train_clips = None
+    timings["read"] = time.perf_counter() - t0
+
+    # Every evaluated frame in one array; clip i owns rows offsets[i]:offsets[i + 1], its
+    # source (frame 0) first, then its driving frames.
+    frames = np.concatenate([c.frames for c in clips])
+    offsets = np.cumsum([0] + [len(c.frame_ids) for c in clips])
+    sources = offsets[:-1]
+
+    t0 = time.perf_counter()
+    z_pose, z_dyn = runner.encode_motion(frames, settings.progress)
+    train_latents = None
+    if train_clips is not None:
+        tp, td = runner.encode_motion(np.concatenate([c.frames for c in train_clips]),
+                                      settings.progress)
+        train_latents = {"z_pose": tp, "z_dyn": td}
+    source_emb = runner.embed(Rows(frames, sources))  # [C, E]
+    timings["encode"] = time.perf_counter() - t0
+
+    # --- self-reenactment: (source of clip i, driving frame k of clip i)
+    t0 = time.perf_counter()
+    pair_clip = np.concatenate([np.full(len(c.frame_ids) - 1, i) for i, c in enumerate(clips)])
+    drv = np.concatenate([np.arange(offsets[i] + 1, offsets[i + 1]) for i in range(len(clips))])
+    res = runner.reenact(Rows(frames, sources[pair_clip]), z_pose[drv], z_dyn[drv],
+                         Rows(frames, drv), desc="self-reenactment", progress=settings.progress)
+    self_id = _cosine(res["embedding"], source_emb[pair_clip])
+    self_reenactment = {
+        # An exact reconstruction has infinite PSNR: capped at 100 dB in the mean.
+        "psnr": _finite(np.mean(np.minimum(res["psnr"], 100.0))),
+        "ssim": float(np.mean(res["ssim"])),
+        "num_pairs": int(len(drv)),
+    }
+    timings["self_reenactment"] = time.perf_counter() - t0
+
+    # --- cross-reenactment: clip i's source driven by another identity's driving frames
+    t0 = time.perf_counter()
+    cross: dict[str, Any] = {"method": runner.id_method, "label": runner.id_label}
+    pairs = [(i, offsets[d] + 1 + k) for i, d in enumerate(_driver_clip(clips, i)
+                                                          for i in range(len(clips)))
+             if d is not None for k in range(len(clips[d].frame_ids) - 1)]
+    if not pairs:
+        cross["skipped"] = "every evaluated clip shows the same identity"
+    else:
+        src_clip, rows = (np.array(v) for v in zip(*pairs))
+        res = runner.reenact(Rows(frames, sources[src_clip]), z_pose[rows], z_dyn[rows],
+                             desc="cross-reenactment", progress=settings.progress)
+        driver_emb = runner.embed(Rows(frames, rows))
+        cross.update({
+            "identity_similarity": float(np.mean(_cosine(res["embedding"],
+                                                         source_emb[src_clip]))),
+            "self_identity_similarity": float(np.mean(self_id)),
+            "driver_identity_similarity": float(np.mean(_cosine(driver_emb,
+                                                                source_emb[src_clip]))),
+            "num_pairs": int(len(rows)),
+        })
+    timings["cross_reenactment"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    probe_results = run_probes(clips, {"z_pose": z_pose, "z_dyn": z_dyn}, train_clips,
+                               train_latents, settings.kfold)
+    timings["probes"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    out_dir = out_dir or os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{NAME}_{settings.split}_step{restored.step:08d}")
+    grid = figure(runner, clips, frames, offsets, z_pose, z_dyn, settings.figure_columns)
+    Image.fromarray(grid).save(stem + ".png")
+    timings["figure"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start
+
+    result = {
+        "evaluator": NAME,
+        "workdir": os.path.abspath(workdir),
+        "step": restored.step,
+        "weights": restored.weights,
+        "data": os.path.abspath(data),
+        "split": settings.split,
+        "image_size": size,
+        "num_clips": len(clips),
+        "num_identities": len({c.identity for c in clips}),
+        "skipped_records": int(skipped),
+        "num_probe_train_clips": 0 if train_clips is None else len(train_clips),
+        "batch_size": runner.batch_size,
+        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"},
+        "self_reenactment": self_reenactment,
+        "cross_reenactment": cross,
+        "probes": probe_results,
+        "figure": stem + ".png",
+        "json": stem + ".json",
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+    }
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def figure(runner: BatchRunner, clips: Sequence[ClipFrames], frames: np.ndarray,
+           offsets: np.ndarray, z_pose: np.ndarray, z_dyn: np.ndarray,
+           columns: int) -> np.ndarray:
+    """The transfer grid, rows FIGURE_ROWS, one column per clip (the first `columns`).
+
+    Column c's driving frame is the middle driving frame of c's driver clip (another
+    identity when there is one, else the next clip). Returns uint8
+    [5 (S + 2) + 2, label width + n (S + 2) + 2, 3] (`trainers.logger.image_grid`).
+    """
+    from vasa_jax.trainers.logger import image_grid
+
+    cols = np.arange(min(columns, len(clips)))
+    src = offsets[cols]
+    drv = []
+    for c in cols:
+        d = _driver_clip(clips, c)
+        d = (c + 1) % len(clips) if d is None else d
+        drv.append(offsets[d] + 1 + (offsets[d + 1] - offsets[d] - 1) // 2)
+    drv = np.asarray(drv)
+    n = len(cols)
+    # One call for the three generated rows: pose only, dynamics only, full transfer.
+    poses = np.concatenate([z_pose[drv], z_pose[src], z_pose[drv]])
+    dyns = np.concatenate([z_dyn[src], z_dyn[drv], z_dyn[drv]])
+    out = runner.reenact(Rows(frames, np.tile(src, 3)), poses, dyns, return_images=True,
+                         progress=False)["images"]
+    rows = dict(zip(FIGURE_ROWS, [runner.images(frames[src]), runner.images(frames[drv]),
+                                  out[:n], out[n:2 * n], out[2 * n:]]))
+    return image_grid(rows)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Settings()
+    parser.add_argument("--workdir", required=True, help="stage-1 run folder (checkpoints/)")
+    parser.add_argument("--data", required=True, help="clip-record dataset folder")
+    parser.add_argument("--split", default=d.split, choices=schema.SPLITS,
+                        help="clips to evaluate on (default: the held-out test split)")
+    parser.add_argument("--max_clips", type=int, default=None,
+                        help="evaluate on at most this many clips, spread over the split")
+    parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    parser.add_argument("--frames_per_clip", type=int, default=d.frames_per_clip,
+                        help="driving frames per clip")
+    parser.add_argument("--probe_clips", type=int, default=d.probe_clips,
+                        help="train-split clips used to fit the linear probes")
+    parser.add_argument("--probe_frames_per_clip", type=int, default=d.probe_frames_per_clip)
+    parser.add_argument("--kfold", type=int, default=d.kfold,
+                        help="folds when probes are cross-validated (no train split)")
+    parser.add_argument("--figure_columns", type=int, default=d.figure_columns)
+    parser.add_argument("--batch_size", type=int, default=d.batch_size)
+    parser.add_argument("--face_id", default=None,
+                        help="face-ID export for identity similarity (default: the run's "
+                             "loss.face_id_path; '' forces the z_id fallback)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--fast_cpu_compile", action="store_true",
+                        help="XLA:CPU at -O0: ~3x faster compiles, slower batches (CPU smoke "
+                             "runs)")
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The human-readable report; the last line is `psnr: X`."""
+    fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)  # noqa: E731
+    sr, cr, pr = result["self_reenactment"], result["cross_reenactment"], result["probes"]
+    lines = [
+        f"{NAME} eval: step {result['step']} ({result['weights']} weights), "
+        f"{result['num_clips']} {result['split']} clips of {result['num_identities']} "
+        f"identities, {result['image_size']}px",
+        f"self-reenactment: PSNR {fmt(sr['psnr'], '.2f')} dB, SSIM {sr['ssim']:.4f} "
+        f"({sr['num_pairs']} pairs)",
+    ]
+    if "skipped" in cr:
+        lines.append(f"cross-reenactment identity similarity: skipped ({cr['skipped']})")
+    else:
+        lines.append(
+            f"cross-reenactment identity similarity: {cr['identity_similarity']:.4f} "
+            f"(self-reenactment {cr['self_identity_similarity']:.4f}, other-identity driver "
+            f"{cr['driver_identity_similarity']:.4f}; {cr['num_pairs']} pairs) [{cr['label']}]")
+    lines.append(f"probes: {pr['protocol']}")
+    notes = {"pose_from_z_dyn": " (disentanglement: should be LOW)"}
+    for name, *_ in PROBES:
+        if name in pr:
+            r = pr[name]
+            per = ", ".join(f"{k} {fmt(v)}" for k, v in r["r2"].items())
+            detail = f" ({per})" if len(r["r2"]) > 1 else ""
+            if any(v is None for v in r["r2"].values()):
+                detail += " [n/a: the held-out target is constant]"
+            lines.append(f"probe {name}: R^2 {fmt(r['r2_mean'])}{detail}{notes.get(name, '')}")
+        else:
+            lines.append(f"probe {name}: skipped ({pr['skipped'][name]})")
+    if "emotion_from_z_dyn" in pr:
+        r = pr["emotion_from_z_dyn"]
+        lines.append(f"probe emotion_from_z_dyn: accuracy {r['accuracy']:.3f} "
+                     f"(majority class {r['chance']:.3f})")
+    else:
+        lines.append(f"probe emotion_from_z_dyn: skipped ({pr['skipped']['emotion_from_z_dyn']})")
+    lines += [f"figure: {result['figure']}", f"json: {result['json']}",
+              f"psnr: {fmt(sr['psnr'], '.2f')}"]
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings(
+        split=args.split, max_clips=args.max_clips, frames_per_clip=args.frames_per_clip,
+        probe_clips=args.probe_clips, probe_frames_per_clip=args.probe_frames_per_clip,
+        kfold=args.kfold, figure_columns=args.figure_columns, batch_size=args.batch_size,
+        face_id=args.face_id, step=args.step, progress=not args.no_progress,
+        fast_cpu_compile=args.fast_cpu_compile,
+    )
+    result = evaluate(args.workdir, args.data, settings, args.out)
+    print("\n".join(summary_lines(result)), flush=True)
+    return 0

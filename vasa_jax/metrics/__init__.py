@@ -1,0 +1,28 @@
+"""Metrics: image reconstruction quality and linear probes of latent codes.
+
+    image   psnr, ssim, ssim_map, mse (jnp, batched; images in [-1, 1] by default)
+    probes  fit_ridge, linear_probe, kfold_probe, group_kfold, r2_score, classifier_probe,
+            accuracy (numpy float64, closed-form ridge)
+
+The paper's video metrics (SyncNet Sc/SD, CAPP, delta-P, FVD) belong to stage 2's evaluator.
+"""
+
+from vasa_jax.metrics.image import mse, psnr, ssim, ssim_map
+from vasa_jax.metrics.probes import (
+    ClassifierResult,
+    ProbeResult,
+    RidgeModel,
+    accuracy,
+    classifier_probe,
+    fit_ridge,
+    group_kfold,
+    kfold_probe,
+    linear_probe,
+    r2_score,
+)
+
+__all__ = [
+    "ClassifierResult", "ProbeResult", "RidgeModel", "accuracy", "classifier_probe",
+    "fit_ridge", "group_kfold", "kfold_probe", "linear_probe", "mse", "psnr", "r2_score",
+    "ssim", "ssim_map",
+]
