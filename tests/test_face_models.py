@@ -188,6 +188,32 @@ def test_translation_moves_content_the_intended_way():
     np.testing.assert_allclose(np.asarray(back), volume, atol=1e-6)
 
 
+@pytest.mark.parametrize("label, voxel, moves", [
+    ((20.0, 0.0, 0.0), (6, 4, 4), (0, 0, +1)),  # +yaw: the face (at +z) turns to image right
+    ((0.0, 20.0, 0.0), (6, 4, 4), (0, -1, 0)),  # +pitch: the face tilts up (grid y is down)
+    ((0.0, 0.0, 20.0), (4, 4, 6), (0, -1, 0)),  # +roll: counter-clockwise, right side up
+])
+def test_label_angles_move_content_as_synthtalk_renders_them(label, voxel, moves):
+    """angles_from_labels maps data_pipeline.schema's pose convention onto the warp's: a
+    canonical point driven by a label pose moves the way the renderer moves it."""
+    d = h = w = 9
+    volume = np.zeros((1, d, h, w, 1), np.float32)
+    volume[(0, *voxel, 0)] = 1.0
+    angles = warping.angles_from_labels(jnp.asarray([label], jnp.float32))
+    pose = jnp.concatenate([angles, jnp.zeros((1, 3)), jnp.ones((1, 1))], axis=-1)
+    zero = jnp.zeros((1, d, h, w, 3))
+    driven = warping.sample_volume(jnp.asarray(volume), warping.canonical_to_driving_grid(pose, zero))
+    grid = np.stack(np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij"), -1)
+    mass = np.asarray(driven[0, ..., 0])
+    centre = (grid * mass[..., None]).sum((0, 1, 2)) / mass.sum()
+    shift = centre - np.asarray(voxel, np.float64)  # (z, y, x) voxels
+    for axis, sign in enumerate(moves):
+        if sign:
+            assert sign * shift[axis] > 0.3, (label, shift)
+        else:
+            assert abs(shift[axis]) < 0.2, (label, shift)  # the arc: r (1 - cos 20deg)
+
+
 def test_rigid_round_trip_grids_compose_to_identity():
     """Equal poses, zero flow: grid_sc(grid_cd(p)) = p (the s -> c -> d warp is the identity)."""
     d, h, w = 4, 8, 8
@@ -314,6 +340,34 @@ def test_spectral_norm_power_iteration_is_functional_state():
 
 
 # ----------------------------------------------------------------------------- layers, config
+
+
+@pytest.mark.parametrize("stride, padding, kernel", [
+    ((1, 1, 1), "SAME", (3, 3, 3)),
+    ((1, 2, 2), "SAME", (3, 3, 3)),
+    ((1, 1, 1), "VALID", (3, 1, 3)),
+    ((1, 1, 1), [(1, 1), (0, 0), (2, 2)], (3, 3, 5)),
+    ((1, 1, 1), "SAME", (1, 1, 1)),
+])
+def test_depth_stacked_conv3d_equals_native_with_gradients(stride, padding, kernel):
+    kx, kk = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (2, 5, 6, 8, 4))
+    k = jax.random.normal(kk, (*kernel, 4, 3)) * 0.2
+
+    def loss(impl, x, k):
+        y = layers.conv3d(x, k, stride, padding, impl=impl)
+        return jnp.sum(jnp.sin(y)), y
+
+    (_, y_native), g_native = jax.value_and_grad(
+        lambda x, k: loss("native", x, k), argnums=(0, 1), has_aux=True)(x, k)
+    (_, y_stacked), g_stacked = jax.value_and_grad(
+        lambda x, k: loss("depth_stacked", x, k), argnums=(0, 1), has_aux=True)(x, k)
+    assert y_native.shape == y_stacked.shape
+    np.testing.assert_allclose(y_stacked, y_native, atol=1e-4)
+    for a, b in zip(g_stacked, g_native):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="depth stride 1"):
+        layers.conv3d(x, k, (2, 1, 1), "SAME", impl="depth_stacked")
 
 
 def test_weight_standardisation_and_group_norm():

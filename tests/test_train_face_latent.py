@@ -11,6 +11,7 @@ compiles at -O0 (`loop.FAST_CPU_COMPILE`): the compile dominates. The shared loo
 
 import ast
 import os
+import shutil
 import types
 
 import jax
@@ -21,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import configs
 from configs.common import ConfigError
+from data_pipeline.schema import DatasetInfo
 from tests import testdata
 from vasa_jax.models import face_id
 from vasa_jax.parallel import create_mesh, sharding
@@ -46,6 +48,7 @@ def face_id_dir(tmp_path_factory):
 
 
 def tiny_config(data_dir, **overrides):
+    overrides = {"loss__perceptual_weight": 20.0, **overrides}  # tiny's default is 0
     return configs.load("configs/face_latent.py:size=tiny", data__path=data_dir,
                         loss__gan_start_step=1, **overrides)
 
@@ -107,11 +110,12 @@ def test_two_steps_update_generator_discriminator_and_ema(run):
     for m in (m0, m1):
         assert all(np.isfinite(v) for v in m.values()), m
         for key in ("loss/g_total", "loss/l1", "loss/perceptual", "loss/adv", "loss/fm",
-                    "loss/consist", "loss/cross_id", "loss/d", "d/acc_real", "d/acc_fake",
+                    "loss/consist", "loss/cross_id", "loss/pose", "loss/d", "d/acc_real", "d/acc_fake",
                     "psnr/recon", "grad_norm/g", "grad_norm/d", "update_norm/g",
                     "update_norm/d", "lr/g", "lr/d"):
             assert key in m, key
         assert m["loss/l1"] > 0 and m["loss/perceptual"] > 0 and m["loss/consist"] > 0
+        assert 0 < m["loss/pose"] < 1  # radians: untrained z_pose vs labels of a few degrees
         assert 0 <= m["loss/cross_id"] <= 2 and 0 < m["psnr/recon"] < 60
         assert m["update_norm/g"] > 0
     # GAN off at step 0 (gan_start_step=1): no adversarial terms, no D update.
@@ -186,6 +190,21 @@ def test_ablations_remove_their_terms(run, data_dir):
     no_gan = _traced_metrics(run, tiny_config(data_dir, loss__adv_weight=0.0,
                                               loss__fm_weight=0.0, loss__perceptual_weight=0.0))
     assert not {"loss/adv", "loss/fm", "loss/d", "loss/perceptual"} & set(no_gan)
+    assert "loss/pose" not in _traced_metrics(run, tiny_config(data_dir, loss__pose_weight=0.0))
+    no_pose = tiny_config(data_dir, loss__pose_weight=0.0, loss__perceptual_weight=0.0)
+    assert "labels" not in face_latent.make_stage(no_pose).batch_keys
+
+
+def test_pose_loss_needs_pose_labels(data_dir, tmp_path):
+    unlabelled = tmp_path / "no_pose"
+    shutil.copytree(data_dir, unlabelled)
+    info = DatasetInfo.load(str(unlabelled))
+    info.labels = [k for k in info.labels if k != "pose"]
+    info.save(str(unlabelled))
+    with pytest.raises(ValueError, match="pose_weight=0"):
+        face_latent.make_stage(tiny_config(str(unlabelled), loss__perceptual_weight=0.0))
+    stage = face_latent.make_stage(tiny_config(data_dir, loss__perceptual_weight=0.0))
+    assert "labels" in stage.batch_keys
 
 
 def test_loss_config_validation(data_dir):

@@ -76,6 +76,25 @@ def bound_pose(
     return jnp.concatenate([angles, shift, scale], axis=-1)
 
 
+# Pose labels (data_pipeline.schema: yaw, pitch, roll in degrees in the camera frame, +y
+# image up: +yaw turns the face to image right, +pitch tilts it up, +roll turns the head
+# counter-clockwise in the image) -> this module's angles. Grid y points down, so a
+# positive roll here turns the head clockwise: roll flips sign. Yaw and pitch keep theirs
+# once the model puts the face at +z (the volume's depth orientation is learned, and
+# flipping it flips yaw and pitch together).
+LABEL_ANGLE_SIGNS = (1.0, 1.0, -1.0)
+
+
+def angles_from_labels(pose_labels: jax.Array) -> jax.Array:
+    """Label pose [B, >=3] (yaw, pitch, roll in degrees first) -> [B, 3] z_pose angles
+    (radians, this module's convention): the targets of the supervised pose loss."""
+    if pose_labels.ndim != 2 or pose_labels.shape[-1] < 3:
+        raise ValueError(f"pose labels must be [B, >=3] (yaw, pitch, roll, ...), got "
+                         f"{pose_labels.shape}")
+    signs = jnp.asarray(LABEL_ANGLE_SIGNS, jnp.float32)
+    return jnp.deg2rad(pose_labels[:, :3].astype(jnp.float32)) * signs
+
+
 def identity_pose(batch: int) -> jax.Array:
     """[batch, 7] pose with no rotation, no translation, unit scale."""
     return jnp.tile(jnp.asarray([0, 0, 0, 0, 0, 0, 1], jnp.float32), (batch, 1))

@@ -15,6 +15,10 @@ updates the generator G (FaceLatentModel) and then the discriminator D:
                    G.decode(V_app^i, z_id^i, z_pose^i, z_dyn^j))   VASA-1 l_consist
     + cross_id * (1 - cos(E(G.decode(V_app^i, z_id^i, z_pose^d, z_dyn^d)), E(frame i)))
                                                                 VASA-1 l_cross-id (E: face-ID)
+    + pose * L1(angles of z_pose^i, z_pose^j; the frames' pose labels)
+        MegaPortraits' pose encoder is pre-trained on head-pose labels; here it learns from
+        the dataset's per-frame pose labels (SynthTalk ground truth, or the real-video
+        preprocessing's PnP pose) while everything trains. Needs the `pose` label.
   discriminator loss
     hinge_D(D(j), D(stop_gradient(recon)))                      from loss.gan_start_step on
 
@@ -36,9 +40,11 @@ from absl import logging
 from flax import nnx
 
 from data_pipeline.loaders import stage1_dataset
+from data_pipeline.schema import DatasetInfo
 from vasa_jax import losses, optim
 from vasa_jax.models.discriminator import build_discriminator
 from vasa_jax.models.face_id import load_face_id
+from vasa_jax.models import warping
 from vasa_jax.models.face_latent import FaceLatentModel
 from vasa_jax.models.vgg19 import load_vgg19
 from vasa_jax.trainers import loop
@@ -96,7 +102,7 @@ def _d_accuracy(real_logits, fake_logits) -> tuple[jax.Array, jax.Array]:
 def effective_weights(loss_cfg: ml_collections.ConfigDict) -> dict[str, float]:
     """The loss weights the step uses: cross_id is 0 without a face-ID model (warned)."""
     w = {name: float(loss_cfg[f"{name}_weight"])
-         for name in ("l1", "perceptual", "adv", "fm", "consist", "cross_id")}
+         for name in ("l1", "perceptual", "adv", "fm", "consist", "cross_id", "pose")}
     if w["cross_id"] > 0 and not loss_cfg.face_id_path:
         logging.warning(
             "loss.cross_id_weight=%g but loss.face_id_path is empty: l_cross-id is OFF. Train "
@@ -118,6 +124,14 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     region = (losses.face_region_weights(config.model.image_size,
                                          region_weight=lc.l1_region_weight)
               if lc.l1_region_weight > 0 else None)
+
+    if w["pose"] > 0:
+        labels = DatasetInfo.load(config.data.path).labels
+        if "pose" not in labels:
+            raise ValueError(
+                f"loss.pose_weight={w['pose']:g} needs per-frame `pose` labels, but "
+                f"{config.data.path!r} has labels {labels}. Label the data (the real-video "
+                "preprocessing writes pose) or pass --config.loss.pose_weight=0.")
 
     frozen, vgg_graphdef, face_id = {}, None, None
     if w["perceptual"] > 0:
@@ -146,6 +160,11 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         recon = out["recon"]
 
         terms = {"l1": losses.l1_loss(recon, drv, region)}
+        if w["pose"] > 0:  # z_pose angles of [source; driving] against their labels
+            labels = batch["labels"]
+            target = warping.angles_from_labels(jnp.concatenate(
+                [labels["source"]["pose"], labels["driving"]["pose"]], axis=0))
+            terms["pose"] = jnp.mean(jnp.abs(lat.z_pose[:, :3] - target))
         if w["perceptual"] > 0:
             vgg = nnx.merge(vgg_graphdef, frozen["vgg"])
             terms["perceptual"] = losses.perceptual_loss(
@@ -261,7 +280,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         train_step=train_step,
         make_dataset=lambda index, count: stage1_dataset(
             config.data, process_index=index, process_count=count),
-        batch_keys=("source", "driving", "cross"),
+        batch_keys=("source", "driving", "cross") + (("labels",) if w["pose"] > 0 else ()),
         frozen=frozen,
         image_summary=image_summary,
         ema=loop.EMA(source="generator", target="ema", decay=config.train.ema_decay),
