@@ -12,8 +12,8 @@ import sys
 
 def main() -> int:
     print(
-        "sample.py: generation is not built yet; it needs the stage-1 face latent model "
-        "(issue #3) and the stage-2 motion generator (issue #4).",
+        "sample.py: streaming video generation is not built yet. Motion from audio works: "
+        "vasa_jax.motion_sampler.MotionGenerator (see README, Stage 2).",
         file=sys.stderr,
     )
     return 2

@@ -26,10 +26,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 # stage name -> "module:function" of its train_and_evaluate(config, workdir).
 TRAINERS = {
     "face_latent": "vasa_jax.trainers.face_latent:train_and_evaluate",
+    "motion_dit": "vasa_jax.trainers.motion_dit:train_and_evaluate",
 }
-NOT_BUILT = {
-    "motion_dit": "the stage-2 motion diffusion trainer is not built yet (issue #4)",
-}
+NOT_BUILT: dict[str, str] = {}
 
 
 def main(argv):

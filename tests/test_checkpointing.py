@@ -85,7 +85,7 @@ def test_save_then_restore_onto_another_mesh_with_iterator_and_config(tmp_path):
     assert not model.up.kernel.sharding.is_equivalent_to(kernel_sharding_a, 2)
     assert opt.opt_state[0].mu["up"]["kernel"].sharding.mesh == mesh_b
 
-    assert ckpt.restore_config() == {"lr": 1e-3, "mesh": {"axes": [["data", 8], ["fsdp", 1]]}}
+    assert ckpt.restore_config() == {"lr": 1e-3, "mesh": {"axes": (("data", 8), ("fsdp", 1))}}
     ckpt.close()
 
 

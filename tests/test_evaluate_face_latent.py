@@ -44,32 +44,6 @@ def _first_param(module):
     return jax.tree.leaves(nnx.state(module, nnx.Param))[0]
 
 
-def _filled_state(abstract, seed=0):
-    """Concrete values for an abstract train state, placed with its shardings.
-
-    Fan-in-scaled normal kernels, unit norm scales, zero biases, zero counters and keys:
-    the structure the trainer checkpoints without compiling its initialiser (which takes
-    ~40 s on a 2-core CPU), and an untrained-looking generator with finite outputs.
-    """
-    rng = np.random.default_rng(seed)
-
-    def fill(path, x):
-        name = str(getattr(path[-2], "key", "")) if len(path) > 1 else ""
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            value = np.zeros(x.shape, x.dtype)
-        elif name == "kernel":
-            value = rng.normal(0, 1 / np.sqrt(np.prod(x.shape[:-1])), x.shape)
-        elif name == "scale":
-            value = np.ones(x.shape)
-        elif name == "bias":
-            value = np.zeros(x.shape)
-        else:
-            value = rng.normal(0, 0.1, x.shape)
-        return jax.device_put(np.asarray(value, x.dtype), x.sharding)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(workdir, data dir): 3 identities x (2 train + 1 test) clips, a step-2 checkpoint
@@ -86,7 +60,7 @@ def run(tmp_path_factory):
     mesh = create_mesh(config.mesh.axes, devices=jax.devices()[:1])
     graphdef, abstract, _ = sharding.abstract_state(lambda: TrainState(config), mesh,
                                                     config.mesh.rules)
-    train_state = nnx.merge(graphdef, _filled_state(abstract))
+    train_state = nnx.merge(graphdef, testdata.filled_state(abstract))
     first = [True]
 
     def mark(x):

@@ -373,7 +373,7 @@ def test_stage2_short_clips_and_errors(tmp_path, data_dir):
     ids = {int(b["clip_index"][0]) for b in loaders.stage2_dataset(cfg, num_epochs=1)}
     long_ids = {i for i, c in read_all(mixed).items() if c.num_frames >= W}
     assert ids == long_ids and len(ids) == 2  # the 10-frame clips are left out
-    with pytest.raises(ValueError, match=f"no clip .* has >= 60 frames"):
+    with pytest.raises(ValueError, match="no clip .* has >= 60 frames"):
         loaders.stage2_dataset(stage2_cfg(mixed, window=60))
     with pytest.raises(ValueError, match="context .* must be <= data.window"):
         loaders.stage2_dataset(stage2_cfg(data_dir, window=4, context=8))

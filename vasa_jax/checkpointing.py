@@ -193,10 +193,11 @@ class Checkpointer:
         return self.restore(abstract_state, step, data_iter=data_iter), step
 
     def restore_config(self, step: int | None = None) -> dict:
-        """The config dict saved with `step` (default: latest)."""
+        """The config dict saved with `step` (default: latest), JSON lists turned back into
+        the tuples configs use (ready for `ml_collections.ConfigDict`)."""
         step = self._step(step)
         args = ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})
-        return self._manager.restore(step, args=args)[CONFIG]
+        return _tuples(self._manager.restore(step, args=args)[CONFIG])
 
     # -------------------------------------------------------------------------- lifetime
 
@@ -217,6 +218,15 @@ class Checkpointer:
 
 
 # ------------------------------------------------------------------------------ params only
+
+
+def _tuples(x: Any) -> Any:
+    """JSON lists -> tuples, recursively."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x
 
 
 def _pure(tree: Any) -> Any:

@@ -21,6 +21,7 @@ from types import ModuleType
 # name -> module (relative to this package).
 EVALUATORS = {
     "face_latent": "vasa_jax.evaluate.face_latent",  # stage 1 (VASA-1 sec 3.1)
+    "motion": "vasa_jax.evaluate.motion",  # stage 2 (VASA-1 sec 3.2)
 }
 
 

@@ -82,15 +82,6 @@ MIN_CLIPS = 2
 # ----------------------------------------------------------------------------- restoring
 
 
-def _tuples(x: Any) -> Any:
-    """JSON lists -> tuples, recursively (configs use tuples; JSON has only lists)."""
-    if isinstance(x, dict):
-        return {k: _tuples(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return tuple(_tuples(v) for v in x)
-    return x
-
-
 def _checkpointer(workdir: str) -> checkpointing.Checkpointer:
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist")
@@ -145,7 +136,7 @@ def restore(workdir: str, step: int | None = None, *,
     ckpt = _checkpointer(workdir)
     try:
         step = ckpt.latest_step() if step is None else int(step)
-        config = ml_collections.ConfigDict(_tuples(ckpt.restore_config(step)))
+        config = ml_collections.ConfigDict(ckpt.restore_config(step))
         if config.get("stage") != NAME:
             raise ValueError(f"{workdir!r} holds a {config.get('stage')!r} run, not {NAME!r}")
         mesh = eval_mesh(config) if mesh is None else mesh

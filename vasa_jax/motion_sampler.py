@@ -1,0 +1,260 @@
+"""Sampling motion from the stage-2 diffusion transformer: one window, and whole clips.
+
+`sample_window` draws one window X0 [B, W, Dm] (normalised space) by DDIM with VASA-1's
+classifier-free guidance; every guided and unguided pass of a step is ONE batched network
+call (`models.motion_dit.guided_x0`). It is a pure function of the model (merge it inside
+your jit) and jittable.
+
+`MotionGenerator` restores a trained run and turns raw audio features of any length into
+raw motion, window by window as VASA-1 does: window i covers frames [iW, (i+1)W); it is
+conditioned on the previous window's last K generated frames and audio (the first window
+has no context, keep_pre False); the last window's audio is zero-padded (in normalised
+space, as in training) and its output cut to the audio length.
+
+    gen = MotionGenerator.from_workdir("runs/motion")
+    motion = gen.generate(audio_features, gaze=[0.0, 0.0], seed=0)        # [L, Dm] raw
+    motions = gen.generate_batch(audio [N, L, Da], seeds=[0, 1, 2, 3])     # [N, L, Dm]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from data_pipeline import stats as stats_lib
+from vasa_jax import checkpointing, diffusion
+from vasa_jax.models.motion_dit import (
+    CONDITIONS,
+    CONTROL_DIMS,
+    KEEP_KEYS,
+    Conditions,
+    MotionDiT,
+    active_scales,
+    guided_x0,
+)
+from vasa_jax.parallel import sharding
+from vasa_jax.parallel.mesh import create_mesh
+
+NAME = "motion_dit"
+DEFAULT_GUIDANCE = {"audio": 0.5, "gaze": 1.0}  # VASA-1's l_A, l_g
+
+
+def sample_window(model: MotionDiT, cond: Conditions, rng: jax.Array, *,
+                  schedule: diffusion.Schedule, num_sample_steps: int = 50,
+                  guidance: Mapping[str, float] | None = None, eta: float = 0.0) -> jax.Array:
+    """One window of motion x0 [B, W, Dm] (normalised space) by guided DDIM.
+
+    cond: `models.motion_dit.Conditions` for batch B. rng: one key, or one key per example
+    ([B]: row b depends only on rng[b]). guidance: {condition: scale} (None: VASA-1's
+    defaults l_A = 0.5, l_g = 1.0); scales, num_sample_steps and eta are static.
+    """
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    active_scales(guidance)  # unknown names fail here, before tracing the loop
+    b = cond["audio"].shape[0]
+    shape = (b, model.window, model.motion_dim)
+    return diffusion.sample(lambda x, t: guided_x0(model, x, t, cond, guidance), shape, rng,
+                            schedule, num_sample_steps, eta)
+
+
+def _single_device_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The run's mesh axes, all of size 1, on this process's first device (sampling a few
+    windows gains nothing from splitting a ~30M-parameter model)."""
+    axes = tuple((str(name), 1) for name, _ in config.mesh.axes)
+    return create_mesh(axes, devices=jax.local_devices()[:1])
+
+
+class MotionGenerator:
+    """A trained stage-2 model (EMA weights) with its normalisation, ready to sample.
+
+    Attributes: config, model (MotionDiT), step (checkpoint step), normalization
+    (data_pipeline.stats.Normalization), motion_mean / motion_std [Dm], audio_mean /
+    audio_std [Da], window W, context K, motion_dim, audio_dim, schedule, guidance (the
+    config's scales), num_sample_steps (config.diffusion.sample_steps), eta.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, model: MotionDiT,
+                 normalization: stats_lib.Normalization, *, step: int | None = None):
+        if (model.motion_dim, model.audio_dim) != (normalization.motion_dim,
+                                                   normalization.audio_dim):
+            raise ValueError(f"model dims ({model.motion_dim}, {model.audio_dim}) != "
+                             f"normalisation dims ({normalization.motion_dim}, "
+                             f"{normalization.audio_dim})")
+        self.config = config
+        self.model = model
+        self.step = step
+        self.normalization = normalization
+        n = normalization
+        self.motion_mean, self.motion_std = n.motion_mean, n.motion_std
+        self.audio_mean, self.audio_std = n.audio_mean, n.audio_std
+        self.window, self.context = model.window, model.context
+        self.motion_dim, self.audio_dim = model.motion_dim, model.audio_dim
+        self.schedule = diffusion.make_schedule(config.diffusion.schedule,
+                                                config.diffusion.train_steps)
+        self.guidance = {c: float(config.guidance[c]) for c in CONDITIONS}
+        self.num_sample_steps = int(config.diffusion.sample_steps)
+        self.eta = float(config.diffusion.eta)
+        self._graphdef, self._state = nnx.split(model)
+        self._sample = jax.jit(self._sample_fn, static_argnames=("guidance", "steps", "eta"))
+
+    # -------------------------------------------------------------------------- restoring
+
+    @classmethod
+    def from_workdir(cls, workdir: str, step: int | None = None, *,
+                     mesh: jax.sharding.Mesh | None = None) -> "MotionGenerator":
+        """Restores the EMA model of a stage-2 run's latest (or `step`) checkpoint.
+
+        The config comes from the checkpoint; the normalisation from
+        <workdir>/normalization.json (written by the trainer), else from the run's data
+        folder (config.data.path: its stats.json, or a scan). mesh: where the weights go
+        (default: this process's first device).
+        """
+        from vasa_jax.trainers import motion_dit as trainer
+        from vasa_jax.trainers.loop import CHECKPOINT_DIR
+
+        directory = os.path.join(workdir, CHECKPOINT_DIR)
+        if not os.path.isdir(directory):  # checked first: the Checkpointer would create it
+            raise FileNotFoundError(
+                f"{workdir!r} has no {CHECKPOINT_DIR}/ folder: not a training run (train one "
+                "with `python train.py --config configs/motion_dit.py --workdir W ...`)")
+        ckpt = checkpointing.Checkpointer(directory, max_to_keep=None, async_save=False)
+        try:
+            if ckpt.latest_step() is None:
+                raise FileNotFoundError(f"no finished checkpoint in {directory}")
+            step = ckpt.latest_step() if step is None else int(step)
+            config = ml_collections.ConfigDict(ckpt.restore_config(step))
+            if config.get("stage") != NAME:
+                raise ValueError(f"{workdir!r} holds a {config.get('stage')!r} run, not {NAME!r}")
+            norm = stats_lib.Normalization.load(workdir)
+            if norm is None:
+                logging.warning("%s has no %s; using the statistics of data folder %s", workdir,
+                                stats_lib.NORMALIZATION_FILE, config.data.path)
+                norm = trainer.load_normalization(config, None)
+            mesh = _single_device_mesh(config) if mesh is None else mesh
+            graphdef, abstract, _ = sharding.abstract_state(
+                lambda: trainer.TrainState(config, norm.motion_dim, norm.audio_dim), mesh,
+                config.mesh.rules)
+            state = ckpt.restore(abstract, step)
+        finally:
+            ckpt.close()
+        model = nnx.merge(graphdef, state).ema
+        logging.info("restored the EMA motion model of step %d from %s", step, workdir)
+        return cls(config, model, norm, step=step)
+
+    # -------------------------------------------------------------------------- sampling
+
+    def _sample_fn(self, state, cond, keys, schedule, *, guidance, steps, eta):
+        model = nnx.merge(self._graphdef, state)
+        return sample_window(model, cond, keys, schedule=schedule, num_sample_steps=steps,
+                             guidance=dict(guidance), eta=eta)
+
+    def _controls(self, name: str, value, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised values [N, dim], keep [N]) of one control; None = dropped."""
+        dim = CONTROL_DIMS[name]
+        if value is None:
+            return np.zeros((n, dim), np.float32), np.zeros((n,), bool)
+        x = np.asarray(value, np.float32)
+        if x.size == dim:
+            x = np.broadcast_to(x.reshape(1, dim), (n, dim))
+        if x.shape != (n, dim):
+            raise ValueError(f"{name} must be [{dim}] or [N={n}, {dim}], got {np.shape(value)}")
+        if name in ("gaze", "distance"):
+            mean = getattr(self.normalization, f"{name}_mean")
+            std = getattr(self.normalization, f"{name}_std")
+            x = (x - mean) / std
+        return np.ascontiguousarray(x, np.float32), np.ones((n,), bool)
+
+    def generate_batch(self, audio: np.ndarray, *, gaze=None, distance=None, emotion=None,
+                       keep: Mapping[str, Sequence[bool]] | None = None,
+                       seeds: int | Sequence[int] = 0,
+                       guidance: Mapping[str, float] | None = None,
+                       num_sample_steps: int | None = None,
+                       eta: float | None = None) -> np.ndarray:
+        """Motion for N audio tracks at once: raw motion float32 [N, L, Dm].
+
+        audio: raw features float32 [N, L, Da] (the run's audio source, e.g. log-mel).
+        gaze [2] or [N, 2] (degrees), distance [1] or [N, 1], emotion [8] or [N, 8]: raw
+          controls; None = that condition dropped for every row.
+        keep: optional {"gaze" | "distance" | "emotion" | "audio": bool [N]} to drop a
+          condition for some rows only (False = dropped).
+        seeds: one int per row (or one int s: rows get s, s + 1, ...). A row's result
+          depends only on its seed, audio and controls, not on the other rows.
+        guidance: {condition: scale} (default: the config's guidance section; missing
+          names are 0). num_sample_steps / eta: default from config.diffusion.
+        """
+        audio = np.asarray(audio, np.float32)
+        if audio.ndim != 3 or audio.shape[2] != self.audio_dim or audio.shape[1] < 1:
+            raise ValueError(f"audio must be [N, L >= 1, Da={self.audio_dim}], got {audio.shape}")
+        if not np.all(np.isfinite(audio)):
+            raise ValueError("audio features contain NaN or inf")
+        n, length, _ = audio.shape
+        seeds = (list(range(seeds, seeds + n)) if isinstance(seeds, (int, np.integer))
+                 else [int(s) for s in seeds])
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} rows")
+        guidance = self.guidance if guidance is None else dict(guidance)
+        guided = active_scales(guidance)
+        steps = self.num_sample_steps if num_sample_steps is None else int(num_sample_steps)
+        eta = self.eta if eta is None else float(eta)
+
+        w, k = self.window, self.context
+        num_windows = math.ceil(length / w)
+        padded = np.zeros((n, num_windows * w, self.audio_dim), np.float32)
+        padded[:, :length] = (audio - self.audio_mean) / self.audio_std
+        controls = {name: self._controls(name, value, n) for name, value in
+                    (("gaze", gaze), ("distance", distance), ("emotion", emotion))}
+        keep_audio = np.ones((n,), bool)
+        for name, mask in (keep or {}).items():
+            if name not in ("audio", "gaze", "distance", "emotion"):
+                raise ValueError(f"keep: unknown condition {name!r}")
+            mask = np.asarray(mask, bool).reshape(-1)
+            if mask.shape != (n,):
+                raise ValueError(f"keep[{name!r}] must be bool [N={n}], got {np.shape(mask)}")
+            if name == "audio":
+                keep_audio = keep_audio & mask
+            else:
+                values, kept = controls[name]
+                controls[name] = (values, kept & mask)
+
+        base_keys = [jax.random.key(s) for s in seeds]
+        motion_pre = np.zeros((n, k, self.motion_dim), np.float32)
+        audio_pre = np.zeros((n, k, self.audio_dim), np.float32)
+        outputs = []
+        for i in range(num_windows):
+            cond = {
+                "audio": padded[:, i * w:(i + 1) * w], "audio_pre": audio_pre,
+                "motion_pre": motion_pre, "keep_audio": keep_audio,
+                "keep_pre": np.full((n,), i > 0),
+            }
+            for name, (values, kept) in controls.items():
+                cond[name], cond[KEEP_KEYS[name]] = values, kept
+            keys = jnp.stack([jax.random.fold_in(key, i) for key in base_keys])
+            x = np.asarray(self._sample(self._state, cond, keys, self.schedule,
+                                        guidance=guided, steps=steps, eta=eta))
+            outputs.append(x)
+            if k:
+                motion_pre = x[:, w - k:]
+                audio_pre = padded[:, (i + 1) * w - k:(i + 1) * w]
+        motion = np.concatenate(outputs, axis=1)[:, :length]
+        return (motion * self.motion_std + self.motion_mean).astype(np.float32)
+
+    def generate(self, audio: np.ndarray, *, gaze=None, distance=None, emotion=None,
+                 seed: int = 0, guidance: Mapping[str, float] | None = None,
+                 num_sample_steps: int | None = None, eta: float | None = None) -> np.ndarray:
+        """Raw motion float32 [L, Dm] for raw audio features [L, Da] (see generate_batch;
+        gaze [2] degrees, distance float or [1], emotion [8]; None = dropped)."""
+        audio = np.asarray(audio, np.float32)
+        if audio.ndim != 2:
+            raise ValueError(f"audio must be [L, Da], got {audio.shape}")
+        if distance is not None:
+            distance = np.asarray(distance, np.float32).reshape(1)
+        return self.generate_batch(audio[None], gaze=gaze, distance=distance, emotion=emotion,
+                                   seeds=[seed], guidance=guidance,
+                                   num_sample_steps=num_sample_steps, eta=eta)[0]
