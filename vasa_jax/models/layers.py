@@ -41,8 +41,11 @@ def make_param(
     shape: Shape,
     names: Sequence[str | None],
     param_dtype: Dtype,
+    *,
+    allowed: Sequence[str] = LOGICAL_AXES,
 ) -> nnx.Param:
-    """An nnx.Param of `shape` from `init`, annotated with logical axis `names`.
+    """An nnx.Param of `shape` from `init`, annotated with logical axis `names` (each one
+    of `allowed`: the names the model's mesh rules map).
 
     Flax shards annotated variables eagerly when created inside a mesh context
     (FLIP 4844); outside one (single-device tests, parameter counting) it would raise, so
@@ -56,9 +59,9 @@ def make_param(
     names = tuple(names)
     if len(names) != len(shape):
         raise ValueError(f"logical axes {names} do not match parameter shape {shape}")
-    unknown = [n for n in names if n is not None and n not in LOGICAL_AXES]
+    unknown = [n for n in names if n is not None and n not in allowed]
     if unknown:
-        raise ValueError(f"unknown logical axes {unknown}; use names from {LOGICAL_AXES}")
+        raise ValueError(f"unknown logical axes {unknown}; use names from {tuple(allowed)}")
     eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
     key = None if rngs is None else rngs.params()
     value = nnx.with_partitioning(init, names)(key, shape, param_dtype)

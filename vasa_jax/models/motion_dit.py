@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from vasa_jax.models import layers
 from vasa_jax.parallel.sharding import with_logical_constraint
 
 LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "length")
@@ -114,16 +115,9 @@ def check_conditions(cond: Mapping[str, jax.Array], batch: int, window: int, con
 
 def param(rngs: nnx.Rngs | None, init: nnx.Initializer, shape: Sequence[int],
           names: Sequence[str | None], dtype: jnp.dtype) -> nnx.Param:
-    """An nnx.Param annotated with logical axis `names` (placed eagerly only in a mesh)."""
-    names, shape = tuple(names), tuple(int(s) for s in shape)
-    if len(names) != len(shape):
-        raise ValueError(f"logical axes {names} do not match parameter shape {shape}")
-    unknown = [n for n in names if n is not None and n not in LOGICAL_AXES]
-    if unknown:
-        raise ValueError(f"unknown logical axes {unknown}; use names from {LOGICAL_AXES}")
-    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
-    key = None if rngs is None else rngs.params()
-    return nnx.Param(nnx.with_partitioning(init, names)(key, shape, dtype), eager_sharding=eager)
+    """`layers.make_param` with this model's logical axis names."""
+    return layers.make_param(rngs, init, tuple(int(n) for n in shape), names, dtype,
+                             allowed=LOGICAL_AXES)
 
 
 _zeros = nnx.initializers.zeros_init()
