@@ -48,7 +48,17 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
              blocks=pick((1, 1), (2, 2, 2, 2), (2, 2, 2, 2)), dyn_dim=pick(16, 128, 128),
              max_angles_deg=(90.0, 60.0, 45.0),  # |yaw|, |pitch|, |roll| limits
              max_translation=0.5,  # |tx|, |ty|, |tz| in normalised volume coordinates
-             max_log_scale=0.3)  # scale in [exp(-0.3), exp(0.3)] = [0.74, 1.35]
+             max_log_scale=0.3,  # scale in [exp(-0.3), exp(0.3)] = [0.74, 1.35]
+             # Feature pooling before the heads: "mean" (global average) or "flatten"
+             # (the shallow tiny encoders need to know where a feature is to read pose).
+             pool=pick("flatten", "mean", "mean"),
+             # A `python -m vasa_jax.models.face_pose train` export: the pose net starts
+             # from it (MegaPortraits pre-trains its head-pose estimator). "" = random init.
+             pretrained_pose="",
+             # Keep that pre-trained net fixed (MegaPortraits freezes its pose estimator):
+             # the warps see the labels' convention and held-out accuracy is kept (fine-
+             # tuned on stage-1 batches, SynthTalk held-out roll R^2 fell 0.84 -> 0.75).
+             freeze_pretrained_pose=True)
     )
     # Warping generators (w_s->c and w_c->d, one each): MLP -> seed volume -> adaptive
     # upsampling 3-D resblocks (one per entry) -> tanh-bounded flow.
@@ -135,6 +145,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
             f"model.{enc}.input_size {e.input_size} must be <= image_size and divisible by "
             f"2^{len(e.channels) + 1}",
         )
+    common.check_choice(m.motion.pool, ("mean", "flatten"), "model.motion.pool")
     angles = tuple(m.motion.max_angles_deg)
     check(
         len(angles) == 3 and all(0 < a <= 180 for a in angles),
@@ -210,6 +221,10 @@ def loss_config(size: str) -> ml_collections.ConfigDict:
     # face-vid2vid has the same L1 term; labels come from SynthTalk or the real-video
     # preprocessing. 0 = pose learnt from the images alone (data without pose labels).
     l.pose_weight = 10.0
+    # The other terms see z_pose's angles through stop_gradient, so only the labels train
+    # them (a pre-trained pose estimator's role): reconstruction through the warp cannot
+    # flip the label convention (measured: it did, on held-out clips). Needs pose_weight > 0.
+    l.pose_detach = True
     return l
 
 

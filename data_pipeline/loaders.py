@@ -658,3 +658,46 @@ def batch_spec(batch: Mapping[str, Any]) -> dict:
     """{key: (shape, dtype)} of a batch (nested), for logging."""
     return {k: batch_spec(v) if isinstance(v, Mapping) else (tuple(v.shape), str(v.dtype))
             for k, v in batch.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Frames:
+    """Frames read directly from a split, with their clip's identity and per-frame labels.
+
+    images: float32 [N, S, S, 3] in [-1, 1]; identity, clip: int32 [N] (clip = the
+    record's position in the split); labels: {name: [N, ...]} for every label the clips
+    carry (those some clip lacks are left out).
+    """
+
+    images: np.ndarray
+    identity: np.ndarray
+    clip: np.ndarray
+    labels: dict[str, np.ndarray]
+
+
+def read_frames(directory: str, split: str, size: int, *, frames_per_clip: int = 10,
+                max_clips: int | None = None) -> Frames:
+    """`frames_per_clip` evenly spaced frames of every clip of a split (deterministic, no
+    augmentation), resized to size x size: held-out sets for the helper networks'
+    evaluations. Unreadable records are skipped with a warning."""
+    source = schema.read_records(schema.list_shards(directory, split))
+    n = len(source) if max_clips is None else min(len(source), max_clips)
+    images, identity, clips, labels = [], [], [], []
+    for r in range(n):
+        try:
+            clip = schema.decode_clip(source[r])
+            idx = np.unique(np.linspace(0, clip.num_frames - 1, frames_per_clip).round())
+            idx = idx.astype(int)
+            frames = clip.decode_frames(idx)
+        except schema.CorruptRecordError as e:
+            logging.warning("read_frames: skipping %s record %d: %s", split, r, e)
+            continue
+        images += [T.to_signed_float(T.resize_square(f, size)) for f in frames]
+        identity += [clip.identity_id] * len(frames)
+        clips += [r] * len(frames)
+        labels.append({k: np.asarray(v)[idx] for k, v in clip.labels.items()})
+    if not images:
+        raise ValueError(f"no usable {split!r} clips in {directory!r}")
+    common = set.intersection(*(set(d) for d in labels))
+    return Frames(np.stack(images), np.asarray(identity, np.int32), np.asarray(clips, np.int32),
+                  {k: np.concatenate([d[k] for d in labels]) for k in sorted(common)})

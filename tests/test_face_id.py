@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data_pipeline import loaders
 from tests import testdata
 from vasa_jax.losses import cross_identity_loss
 from vasa_jax.models import face_id
@@ -50,9 +51,10 @@ def test_save_load_round_trip_and_frozen_embedder(trained):
     model, config, meta = face_id.load_face_id_classifier(out)
     assert config.channels == (16, 32) and config.embed_dim == 32
     # The loaded parameters are the trained ones: re-evaluating reproduces the saved metrics.
-    x, y, _ = face_id.read_frames(data, "test", IMAGE_SIZE)
-    gx, gy, _ = face_id.read_frames(data, "train", IMAGE_SIZE)
-    again = face_id.evaluate(model, x, y, gx, gy)
+    test = loaders.read_frames(data, "test", IMAGE_SIZE)
+    train = loaders.read_frames(data, "train", IMAGE_SIZE)
+    again = face_id.evaluate(model, test.images, test.identity, train.images, train.identity)
+    x, y = test.images, test.identity
     for k in ("head_accuracy", "centroid_accuracy"):
         assert again[k] == meta["metrics"][k]
     assert again["same_identity_cos"] == pytest.approx(meta["metrics"]["same_identity_cos"],

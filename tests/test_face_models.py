@@ -141,6 +141,29 @@ def test_pose_reaches_the_decoder(cfg, model):
 # ----------------------------------------------------------------------------- warps
 
 
+def test_detach_angles_blocks_only_the_angle_gradients():
+    z = jnp.asarray([[0.1, -0.2, 0.05, 0.01, 0.02, -0.03, 1.1]])
+    np.testing.assert_array_equal(warping.detach_angles(z), z)
+    grad = jax.grad(lambda z: jnp.sum(warping.detach_angles(z) ** 2))(z)
+    np.testing.assert_array_equal(grad[0, :3], 0.0)
+    np.testing.assert_allclose(grad[0, 3:], 2 * z[0, 3:])
+
+
+@pytest.mark.parametrize("pool", ["mean", "flatten"])
+def test_motion_encoder_pools(pool):
+    """"flatten" feeds the whole final map (C x H x W) to the head, "mean" its average."""
+    from vasa_jax.models.face_encoders import ResNetEncoder
+
+    net = ResNetEncoder(image_size=16, input_size=16, stem=4, channels=(8,), blocks=(1,),
+                        out_dim=3, groups=2, pool=pool, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    assert net(x).shape == (2, 3)
+    assert net.head.in_features == (8 * 4 * 4 if pool == "flatten" else 8)
+    with pytest.raises(ValueError, match="pool"):
+        ResNetEncoder(image_size=16, input_size=16, stem=4, channels=(8,), blocks=(1,),
+                      out_dim=3, groups=2, pool="max", rngs=nnx.Rngs(0))
+
+
 def test_pose_matrices_are_inverse_and_rotations_orthonormal():
     rng = np.random.default_rng(0)
     pose = np.concatenate(
@@ -420,6 +443,7 @@ def test_resblock_bf16_compute_and_remat_gradients_match():
         (dict(model__dtype="float16"), "model.dtype"),
         (dict(model__groups=3), "divisible by model.groups"),
         (dict(model__motion__max_angles_deg=(90.0, 60.0)), "max_angles_deg"),
+        (dict(model__motion__pool="max"), "model.motion.pool"),
     ],
 )
 def test_model_config_errors(overrides, match):

@@ -43,8 +43,15 @@ class ResNetEncoder(nnx.Module):
 
         resize to input_size -> 7x7 stride-2 conv (no WS: first conv)
         -> stages of pre-activation resblocks (the first of each stage halves H, W)
-        -> GroupNorm, ReLU, global average pool -> Dense -> [B, out_dim]
+        -> GroupNorm, ReLU, pool -> Dense -> [B, out_dim]
+
+    pool "mean": global average pooling (translation-invariant; enough for a deep
+    network whose features already encode where things are). "flatten": the whole final
+    map feeds the head, so a shallow network keeps where each feature is: at 64 px, a
+    3-stage encoder's held-out head-pose R^2 on SynthTalk rose from ~0.1 (mean) to ~0.8.
     """
+
+    POOLS = ("mean", "flatten")
 
     def __init__(
         self,
@@ -57,10 +64,13 @@ class ResNetEncoder(nnx.Module):
         out_dim: int,
         groups: int,
         head_init_scale: float = 1.0,
+        pool: str = "mean",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if pool not in self.POOLS:
+            raise ValueError(f"ResNetEncoder: pool must be one of {self.POOLS}, got {pool!r}")
         if len(channels) != len(blocks) or not channels:
             raise ValueError(f"ResNetEncoder: channels {channels} and blocks {blocks} must pair up")
         if input_size % (2 ** (len(channels) + 1)):
@@ -78,8 +88,11 @@ class ResNetEncoder(nnx.Module):
             c = out
         self.blocks = nnx.List(stages)
         self.norm = layers.GroupNorm(c, groups=groups, **kw)
+        self.pool = pool
+        side = input_size // 2 ** (len(channels) + 1)
+        features = c * side * side if pool == "flatten" else c
         self.head = layers.Dense(
-            c, out_dim, names=("embed", "mlp"), init_scale=head_init_scale, **kw
+            features, out_dim, names=("embed", "mlp"), init_scale=head_init_scale, **kw
         )
 
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -88,8 +101,12 @@ class ResNetEncoder(nnx.Module):
         x = self.stem(resize_images(images, self.input_size))
         for block in self.blocks:
             x = block(x)
-        x = layers.relu(self.norm(x))
-        return self.head(jnp.mean(x.astype(jnp.float32), axis=(1, 2))).astype(jnp.float32)
+        x = layers.relu(self.norm(x)).astype(jnp.float32)
+        if self.pool == "flatten":
+            x = x.reshape(x.shape[0], -1)
+        else:
+            x = jnp.mean(x, axis=(1, 2))
+        return self.head(x).astype(jnp.float32)
 
 
 class IdentityEncoder(ResNetEncoder):
@@ -116,13 +133,15 @@ class MotionEncoder(nnx.Module):
         max_translation: float,
         max_log_scale: float,
         groups: int,
+        pool: str = "mean",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         common = dict(
             image_size=image_size, input_size=input_size, stem=stem, channels=channels,
-            blocks=blocks, groups=groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            blocks=blocks, groups=groups, pool=pool, dtype=dtype, param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.pose_net = ResNetEncoder(out_dim=warping.POSE_DIM, head_init_scale=0.1, **common)
         self.dyn_net = ResNetEncoder(out_dim=dyn_dim, **common)

@@ -256,39 +256,6 @@ def load_face_id(path: str) -> FaceIDEmbedder:
 # ----------------------------------------------------------------------------- data
 
 
-def read_frames(
-    directory: str, split: str, size: int, *, frames_per_clip: int = 10,
-    max_clips: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Evenly spaced frames of every clip of a split, read directly (deterministic).
-
-    Returns (images float32 [N, size, size, 3] in [-1, 1], identity int32 [N],
-    clip int32 [N]: the clip's position in the split). Unusable records are skipped.
-    """
-    import grain
-
-    from data_pipeline import schema
-    from data_pipeline import transforms as T
-
-    source = grain.sources.ArrayRecordDataSource(schema.list_shards(directory, split))
-    n = len(source) if max_clips is None else min(len(source), max_clips)
-    images, identity, clip_ids = [], [], []
-    for r in range(n):
-        try:
-            clip = schema.decode_clip(source[r])
-            idx = np.unique(np.linspace(0, clip.num_frames - 1, frames_per_clip).round())
-            frames = clip.decode_frames(idx.astype(int))
-        except schema.CorruptRecordError as e:
-            logging.warning("face-ID eval: skipping %s record %d: %s", split, r, e)
-            continue
-        images += [T.to_signed_float(T.resize_square(f, size)) for f in frames]
-        identity += [clip.identity_id] * len(frames)
-        clip_ids += [r] * len(frames)
-    if not images:
-        raise ValueError(f"no usable {split!r} clips in {directory!r}")
-    return (np.stack(images), np.asarray(identity, np.int32), np.asarray(clip_ids, np.int32))
-
-
 def _embed_all(model: FaceIDClassifier, images: np.ndarray, batch: int = 64):
     """(embeddings [N, E], cosines [N, C]) in fixed-size batches (one compilation)."""
     graphdef, state = nnx.split(model)
@@ -445,16 +412,17 @@ def train(data_dir: str, out_dir: str, *, image_size: int = 64, crop: float = 0.
 
     metrics: dict[str, Any] = {"chance": 1.0 / num_classes}
     try:
-        eval_x, eval_y, _ = read_frames(data_dir, "test", load_size,
-                                        frames_per_clip=settings.eval_frames_per_clip,
-                                        max_clips=settings.eval_max_clips)
+        held_out = loaders.read_frames(data_dir, "test", load_size,
+                                       frames_per_clip=settings.eval_frames_per_clip,
+                                       max_clips=settings.eval_max_clips)
     except FileNotFoundError:
         logging.warning("face-ID: %s has no test split; no held-out evaluation", data_dir)
     else:
-        gal_x, gal_y, _ = read_frames(data_dir, "train", load_size,
+        gallery = loaders.read_frames(data_dir, "train", load_size,
                                       frames_per_clip=settings.eval_frames_per_clip,
                                       max_clips=settings.eval_max_clips)
-        metrics.update(evaluate(model, eval_x, eval_y, gal_x, gal_y))
+        metrics.update(evaluate(model, held_out.images, held_out.identity, gallery.images,
+                                gallery.identity))
         logging.info("face-ID held-out: %s", metrics)
     meta = {
         "train": {**dataclasses.asdict(settings), "data": os.path.abspath(data_dir),

@@ -58,6 +58,20 @@ def warp_kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     )
 
 
+def motion_encoder(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+                   ) -> face_encoders.MotionEncoder:
+    """E_mtn as the model config `cfg` builds it (also for pre-training its pose net alone:
+    vasa_jax.models.face_pose)."""
+    m = cfg.motion
+    return face_encoders.MotionEncoder(
+        image_size=cfg.image_size, input_size=m.input_size, stem=m.stem,
+        channels=tuple(m.channels), blocks=tuple(m.blocks), dyn_dim=m.dyn_dim,
+        max_angles_deg=tuple(m.max_angles_deg), max_translation=m.max_translation,
+        max_log_scale=m.max_log_scale, groups=cfg.groups, pool=m.pool, **dtypes(cfg),
+        rngs=rngs,
+    )
+
+
 class FaceLatentModel(nnx.Module):
     """The generator of stage 1. Submodules (parameter groups):
 
@@ -83,12 +97,7 @@ class FaceLatentModel(nnx.Module):
             groups=cfg.groups, **kw,
         )
         m = cfg.motion
-        self.motion_encoder = face_encoders.MotionEncoder(
-            image_size=cfg.image_size, input_size=m.input_size, stem=m.stem,
-            channels=tuple(m.channels), blocks=tuple(m.blocks), dyn_dim=m.dyn_dim,
-            max_angles_deg=tuple(m.max_angles_deg), max_translation=m.max_translation,
-            max_log_scale=m.max_log_scale, groups=cfg.groups, **kw,
-        )
+        self.motion_encoder = motion_encoder(cfg, rngs=rngs)
         self.warp_to_canonical = warping.WarpGenerator(
             "to_canonical", dyn_dim=m.dyn_dim, id_dim=cfg.id.dim, volume_shape=volume_shape,
             groups=cfg.groups, remat=cfg.remat, **warp_kwargs(cfg), **kw,

@@ -95,6 +95,12 @@ def angles_from_labels(pose_labels: jax.Array) -> jax.Array:
     return jnp.deg2rad(pose_labels[:, :3].astype(jnp.float32)) * signs
 
 
+def detach_angles(z_pose: jax.Array) -> jax.Array:
+    """z_pose [B, 7] with yaw, pitch, roll under stop_gradient (translation, scale untouched):
+    for angles trained by labels alone while the images train the rest."""
+    return jnp.concatenate([jax.lax.stop_gradient(z_pose[:, :3]), z_pose[:, 3:]], axis=-1)
+
+
 def identity_pose(batch: int) -> jax.Array:
     """[batch, 7] pose with no rotation, no translation, unit scale."""
     return jnp.tile(jnp.asarray([0, 0, 0, 0, 0, 0, 1], jnp.float32), (batch, 1))

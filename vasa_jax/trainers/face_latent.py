@@ -18,7 +18,12 @@ updates the generator G (FaceLatentModel) and then the discriminator D:
     + pose * L1(angles of z_pose^i, z_pose^j; the frames' pose labels)
         MegaPortraits' pose encoder is pre-trained on head-pose labels; here it learns from
         the dataset's per-frame pose labels (SynthTalk ground truth, or the real-video
-        preprocessing's PnP pose) while everything trains. Needs the `pose` label.
+        preprocessing's PnP pose) while everything trains, optionally starting from a
+        pre-trained pose net (model.motion.pretrained_pose, vasa_jax.models.face_pose).
+        With loss.pose_detach the other terms see the angles through stop_gradient (the
+        labels alone train them); translation and scale learn from the images. Needs
+        the `pose` label. With model.motion.freeze_pretrained_pose the pre-trained net
+        stays fixed instead (as MegaPortraits' pose estimator): no pose term.
   discriminator loss
     hinge_D(D(j), D(stop_gradient(recon)))                      from loss.gan_start_step on
 
@@ -44,6 +49,7 @@ from data_pipeline.schema import DatasetInfo
 from vasa_jax import losses, optim
 from vasa_jax.models.discriminator import build_discriminator
 from vasa_jax.models.face_id import load_face_id
+from vasa_jax.models.face_pose import load_pose_params
 from vasa_jax.models import warping
 from vasa_jax.models.face_latent import FaceLatentModel
 from vasa_jax.models.vgg19 import load_vgg19
@@ -55,16 +61,32 @@ PROGRESS_KEYS = ("loss/g_total", "loss/l1", "loss/perceptual", "loss/d", "psnr/r
 class TrainState(nnx.Module):
     """generator, its EMA copy, the discriminator, and their two optimizers."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, pose_params: nnx.State | None = None):
         rngs = nnx.Rngs(config.seed)
+        trainable = trainable_params(config)
         total = config.train.total_steps
         self.generator = FaceLatentModel(config.model, rngs=rngs)
+        if pose_params is not None:  # pre-trained pose net (vasa_jax.models.face_pose)
+            nnx.update(self.generator.motion_encoder.pose_net, pose_params)
         self.ema = nnx.clone(self.generator)
         self.discriminator = build_discriminator(config.model, rngs=rngs)
         self.g_opt = nnx.Optimizer(
-            self.generator, optim.build_optimizer(config.optim, total), wrt=nnx.Param)
+            self.generator, optim.build_optimizer(config.optim, total), wrt=trainable)
         self.d_opt = nnx.Optimizer(
             self.discriminator, optim.build_optimizer(config.disc_optim, total), wrt=nnx.Param)
+
+
+def pose_frozen(config: ml_collections.ConfigDict) -> bool:
+    """Whether the generator's pose net is a fixed pre-trained one (no updates, no pose loss)."""
+    m = config.model.motion
+    return bool(m.pretrained_pose) and bool(m.freeze_pretrained_pose)
+
+
+def trainable_params(config: ml_collections.ConfigDict):
+    """The nnx filter of the generator parameters the optimizer updates."""
+    if pose_frozen(config):
+        return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("pose_net")))
+    return nnx.Param
 
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -116,6 +138,11 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     """The face latent stage for the shared loop (loads the frozen VGG19 / face-ID nets)."""
     lc = config.loss
     w = effective_weights(lc)
+    trainable = trainable_params(config)
+    if pose_frozen(config) and w["pose"] > 0:
+        logging.info("the pre-trained pose net %s is frozen: no pose loss "
+                     "(model.motion.freeze_pretrained_pose)", config.model.motion.pretrained_pose)
+        w["pose"] = 0.0
     use_gan = w["adv"] > 0 or w["fm"] > 0
     gan_start = int(lc.gan_start_step)
     total = config.train.total_steps
@@ -133,6 +160,13 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
                 f"{config.data.path!r} has labels {labels}. Label the data (the real-video "
                 "preprocessing writes pose) or pass --config.loss.pose_weight=0.")
 
+    # With pose labels, the warps can see z_pose's angles through stop_gradient: the labels
+    # alone train them, as a pre-trained pose estimator would be (loss.pose_detach).
+    detach = (warping.detach_angles if w["pose"] > 0 and lc.pose_detach
+              else lambda z_pose: z_pose)
+    path = config.model.motion.pretrained_pose
+    pose_params = load_pose_params(path, config.model) if path else None
+
     frozen, vgg_graphdef, face_id = {}, None, None
     if w["perceptual"] > 0:
         vgg, _ = load_vgg19(lc.vgg19_path or None, dtype=jnp.dtype(config.model.dtype))
@@ -145,17 +179,19 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         src, drv, crs = batch["source"], batch["driving"], batch["cross"]
         gen = nnx.merge(g_graphdef, g_params, g_rest)
         # Driving frames are encoded fully: l_consist needs their appearance too.
-        lat = gen.encode(jnp.concatenate([src, drv], axis=0))
-        (v_s, v_d), (id_s, id_d), (pose_s, pose_d), (dyn_s, dyn_d) = (
-            _halves(lat.v_app), _halves(lat.z_id), _halves(lat.z_pose), _halves(lat.z_dyn))
-        del dyn_s
+        frames = jnp.concatenate([src, drv], axis=0)
+        z_pose, z_dyn = gen.encode_motion(frames)
+        pose_in = detach(z_pose)  # what the warps see
+        v_app, z_id = gen.encode_appearance(frames, pose_in, z_dyn)
+        (v_s, v_d), (id_s, id_d), (pose_s, pose_d), dyn_d = (
+            _halves(v_app), _halves(z_id), _halves(pose_in), _halves(z_dyn)[1])
         jobs = {"recon": (v_s, id_s, pose_d, dyn_d)}
         if w["consist"] > 0:  # losses.consistency_pair with i = source, j = driving
             jobs["consist_a"] = (v_d, id_d, pose_s, dyn_d)
             jobs["consist_b"] = (v_s, id_s, pose_s, dyn_d)
         if w["cross_id"] > 0:
             pose_c, dyn_c = gen.encode_motion(crs)
-            jobs["cross"] = (v_s, id_s, pose_c, dyn_c)
+            jobs["cross"] = (v_s, id_s, detach(pose_c), dyn_c)
         out = decode_all(gen, jobs)
         recon = out["recon"]
 
@@ -164,7 +200,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
             labels = batch["labels"]
             target = warping.angles_from_labels(jnp.concatenate(
                 [labels["source"]["pose"], labels["driving"]["pose"]], axis=0))
-            terms["pose"] = jnp.mean(jnp.abs(lat.z_pose[:, :3] - target))
+            terms["pose"] = jnp.mean(jnp.abs(z_pose[:, :3] - target))
         if w["perceptual"] > 0:
             vgg = nnx.merge(vgg_graphdef, frozen["vgg"])
             terms["perceptual"] = losses.perceptual_loss(
@@ -220,7 +256,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         del rng  # the step is deterministic given the batch
         step = ts.g_opt.step[...]
         gan_on = step >= gan_start
-        g_graphdef, g_params, g_rest = nnx.split(ts.generator, nnx.Param, ...)
+        g_graphdef, g_params, g_rest = nnx.split(ts.generator, trainable, ...)
         disc = ts.discriminator  # read-only here (update_stats=False)
         (g_total, (terms, recon)), g_grads = jax.value_and_grad(
             lambda p: generator_loss(p, g_graphdef, g_rest, disc, batch, frozen, gan_on),
@@ -276,7 +312,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
                 "cross_reenactment": cross[0], "cross_reenactment_ema": cross[1]}
 
     return loop.Stage(
-        create_state=lambda: TrainState(config),
+        create_state=lambda: TrainState(config, pose_params),
         train_step=train_step,
         make_dataset=lambda index, count: stage1_dataset(
             config.data, process_index=index, process_count=count),

@@ -1,0 +1,247 @@
+"""Pre-training of E_mtn's head-pose net on pose labels (MegaPortraits pre-trains its pose
+estimator), for the stage-1 model to start from.
+
+Why: trained only through the 3-D warp, which end of the volume's learnt depth axis faces
+the camera is arbitrary, and with it the signs of yaw and pitch; a pose loss on labels then
+fights the reconstruction. Started from a net that already reads pose in the labels'
+convention (vasa_jax.models.warping.angles_from_labels), the volume forms in that
+convention. The net is the stage-1 config's own pose encoder (same architecture, so its
+parameters drop into `motion_encoder.pose_net`):
+
+    images [B, S, S, 3] -> MotionEncoder.pose -> z_pose [B, 7]
+    loss = L1(yaw, pitch, roll; label angles in radians)
+         + L1(tx, ty, tz, log scale; 0)      no labels: start from the identity framing
+
+Frames come from the stage-1 loader (source, driving and cross frames: three labelled
+faces per example, with its scale/shift/colour jitter). Held-out evaluation: R^2 of each
+angle on the test split's frames (other clips of the training identities).
+
+    python -m vasa_jax.models.face_pose train --config configs/face_latent.py:size=tiny \\
+        --data DIR --out OUT [--steps N] [--batch_size B] [--lr LR]
+
+writes OUT/params (the pose net's parameters, `vasa_jax.checkpointing.export_params`) and
+OUT/face_pose.json (the model config's motion section, settings, metrics). Stage 1 uses it
+with --config.model.motion.pretrained_pose=OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from vasa_jax.models import warping
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "face_pose.json"
+# The model config fields that fix the pose net's parameter shapes.
+ARCH_FIELDS = ("input_size", "stem", "channels", "blocks", "pool")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 2000
+    batch_size: int = 12  # stage-1 examples per step; each gives 3 labelled faces
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    seed: int = 0
+    num_workers: int = 2  # grain worker processes (0: read in this process)
+    log_every: int = 100
+    eval_frames_per_clip: int = 16
+    eval_max_clips: int = 2000
+
+
+def _arch(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    m = model_cfg.motion
+    out = {k: m[k] for k in ARCH_FIELDS}
+    out.update(channels=list(m.channels), blocks=list(m.blocks),
+               image_size=int(model_cfg.image_size), groups=int(model_cfg.groups))
+    return out
+
+
+def angle_r2(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Per-angle coefficient of determination: [N, 3] x 2 -> {yaw, pitch, roll, mean}."""
+    ss_res = np.sum((target - pred) ** 2, axis=0)
+    ss_tot = np.sum((target - target.mean(axis=0)) ** 2, axis=0)
+    r2 = 1.0 - ss_res / np.maximum(ss_tot, 1e-12)
+    out = {name: float(v) for name, v in zip(warping.POSE_FIELDS[:3], r2)}
+    out["mean"] = float(np.mean(r2))
+    return out
+
+
+def pose_loss(z_pose: jax.Array, pose_labels: jax.Array) -> jax.Array:
+    """z_pose [B, 7], label pose [B, >=3] (degrees) -> scalar (see the module docstring)."""
+    angles = jnp.mean(jnp.abs(z_pose[:, :3] - warping.angles_from_labels(pose_labels)))
+    framing = jnp.mean(jnp.abs(z_pose[:, 3:6])) + jnp.mean(jnp.abs(jnp.log(z_pose[:, 6])))
+    return angles + framing
+
+
+def predict_angles(encoder, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """z_pose angles [N, 3] (radians) of images [N, S, S, 3], in fixed-size batches."""
+    graphdef, state = nnx.split(encoder)
+    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).pose(x)[:, :3])
+    out = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        pad = np.zeros((batch - len(x),) + x.shape[1:], x.dtype)
+        out.append(np.asarray(fn(state, np.concatenate([x, pad])))[:len(x)])
+    return np.concatenate(out)
+
+
+def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
+          settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
+    """Trains the pose net of `config.model` (a configs/face_latent.py config) on the pose
+    labels of `data_dir`'s train split, evaluates it on the test split (if any) and saves
+    it to `out_dir`. Returns the contents of face_pose.json."""
+    from data_pipeline import loaders, schema
+    from vasa_jax.checkpointing import export_params
+    from vasa_jax.models.face_latent import motion_encoder
+
+    if settings.steps < 1 or settings.batch_size < 1:
+        raise ValueError(f"need steps >= 1 and batch_size >= 1, got {settings}")
+    if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
+        raise FileExistsError(f"{out_dir} already holds a face-pose export")
+    labels = schema.DatasetInfo.load(data_dir).labels
+    if "pose" not in labels:
+        raise ValueError(f"{data_dir!r} has no `pose` labels (it has {labels}): the pose net "
+                         "learns from them")
+    data_cfg = config.data.copy_and_resolve_references()
+    data_cfg.unlock()
+    data_cfg.update(path=data_dir, split="train", batch_size=settings.batch_size,
+                    num_workers=settings.num_workers, seed=settings.seed)
+
+    encoder = motion_encoder(config.model, rngs=nnx.Rngs(settings.seed))
+    graphdef, params, rest = nnx.split(encoder.pose_net, nnx.Param, ...)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, settings.lr, min(settings.warmup_steps, settings.steps // 2 + 1), settings.steps,
+        end_value=settings.lr * 0.01)
+    optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
+    opt_state = optimizer.init(params)
+
+    def loss_fn(params, images, pose_labels):
+        net = nnx.merge(graphdef, params, rest)
+        raw = net(images)
+        z_pose = warping.bound_pose(raw, max_angles=encoder.max_angles,
+                                    max_translation=encoder.max_translation,
+                                    max_log_scale=encoder.max_log_scale)
+        return pose_loss(z_pose, pose_labels)
+
+    @jax.jit
+    def train_step(params, opt_state, images, pose_labels):
+        loss, grads = jax.value_and_grad(loss_fn)(params, images, pose_labels)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    ds = loaders.stage1_dataset(data_cfg)
+    start, history = time.perf_counter(), []
+    for step, batch in zip(range(1, settings.steps + 1), iter(ds)):
+        images = np.concatenate([batch["source"], batch["driving"], batch["cross"]])
+        poses = np.concatenate([batch["labels"][k]["pose"] for k in ("source", "driving",
+                                                                    "cross")])
+        params, opt_state, loss = train_step(params, opt_state, images, poses)
+        if step % settings.log_every == 0 or step == settings.steps:
+            history.append({"step": step, "loss": float(loss)})
+            logging.info("face-pose step %d/%d: loss %.4f (%.1f steps/s)", step, settings.steps,
+                         float(loss), step / (time.perf_counter() - start))
+    train_seconds = time.perf_counter() - start
+    nnx.update(encoder.pose_net, params)
+
+    metrics: dict[str, Any] = {}
+    for split in ("test", "train"):
+        try:
+            frames = loaders.read_frames(data_dir, split, int(config.model.image_size),
+                                         frames_per_clip=settings.eval_frames_per_clip,
+                                         max_clips=settings.eval_max_clips)
+        except FileNotFoundError:
+            logging.warning("face-pose: %s has no %s split", data_dir, split)
+            continue
+        target = np.asarray(warping.angles_from_labels(jnp.asarray(frames.labels["pose"])))
+        metrics[f"{split}_r2"] = angle_r2(predict_angles(encoder, frames.images), target)
+    logging.info("face-pose R^2: %s", metrics)
+    meta = {
+        "arch": _arch(config.model),
+        "train": {**dataclasses.asdict(settings), "data": os.path.abspath(data_dir),
+                  "seconds": train_seconds},
+        "history": history,
+        "metrics": metrics,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    export_params(os.path.join(out_dir, PARAMS_DIR), nnx.state(encoder.pose_net, nnx.Param))
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    return meta
+
+
+def load_pose_params(path: str, model_cfg: ml_collections.ConfigDict) -> nnx.State:
+    """The pose-net parameters of a `train` export, as host (numpy) arrays, checked against
+    the model config they are loaded into (an architecture mismatch is a clear error)."""
+    from vasa_jax.checkpointing import load_params
+    from vasa_jax.models.face_latent import motion_encoder
+
+    meta_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(
+            f"{meta_path} not found: pre-train the pose net with `python -m "
+            "vasa_jax.models.face_pose train --config CONFIG --data DIR --out PATH`")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    want = _arch(model_cfg)
+    if meta["arch"] != want:
+        diff = {k: (meta["arch"].get(k), v) for k, v in want.items() if meta["arch"].get(k) != v}
+        raise ValueError(f"pose net export {path} does not fit model.motion: (export, config) "
+                         f"differ in {diff}")
+    abstract = nnx.eval_shape(lambda: motion_encoder(model_cfg, rngs=nnx.Rngs(0)))
+    target = nnx.state(abstract.pose_net, nnx.Param)
+    params = load_params(os.path.join(path, PARAMS_DIR), target=target)
+    logging.info("pose net from %s (held-out R^2 %s)", path,
+                 meta.get("metrics", {}).get("test_r2"))
+    return jax.tree.map(np.asarray, params)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import configs
+
+    parser = argparse.ArgumentParser(prog="python -m vasa_jax.models.face_pose",
+                                     description="Pre-train stage 1's head-pose net on labels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train on a clip-record dataset's pose labels")
+    p.add_argument("--config", default="configs/face_latent.py:size=tiny",
+                   help="the stage-1 config whose pose net is trained")
+    p.add_argument("--data", required=True, help="clip-record dataset folder")
+    p.add_argument("--out", required=True, help="output folder (params + face_pose.json)")
+    for name in ("steps", "batch_size", "lr", "seed", "num_workers", "log_every"):
+        default = getattr(TrainSettings, name)
+        p.add_argument(f"--{name}", type=type(default), default=default)
+    args = parser.parse_args(argv)
+    try:
+        config = configs.load(args.config)
+        settings = TrainSettings(**{k: getattr(args, k) for k in (
+            "steps", "batch_size", "lr", "seed", "num_workers", "log_every")})
+        result = train(config, args.data, args.out, settings=settings)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"metrics": result["metrics"],
+                      "train_seconds": round(result["train"]["seconds"], 1)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags; argparse parses ours
+    logging.set_verbosity(logging.INFO)
+    sys.exit(main())
