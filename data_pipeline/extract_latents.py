@@ -243,8 +243,7 @@ class MotionEncoder:
         from vasa_jax.parallel import sharding
 
         self._sharding = sharding
-        shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
-        self.batch_size = max(1, math.ceil(batch_size / shards)) * shards
+        self.batch_size = sharding.round_batch_size(mesh, batch_size)
         self.mesh, self.rules = mesh, rules
         self.data_sharding = sharding.data_sharding(mesh)
         self.image_size = int(model.image_size)

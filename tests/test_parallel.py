@@ -289,3 +289,10 @@ def test_initialize_kwargs_from_environment():
     assert distributed.maybe_initialize({}) is False
     assert distributed.is_main_process()
     distributed.barrier("single-process no-op")
+
+
+def test_round_batch_size_to_the_batch_axes():
+    mesh = mesh_lib.create_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))  # 4 batch shards
+    assert [sharding.round_batch_size(mesh, b) for b in (0, 1, 4, 5, 16)] == [4, 4, 4, 8, 16]
+    assert sharding.round_batch_size(mesh, 3, batch_axes=("data",)) == 4
+    assert sharding.round_batch_size(mesh, 5, batch_axes=("data",)) == 6

@@ -49,7 +49,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -339,8 +338,7 @@ class BatchRunner:
 
     def __init__(self, model, mesh: jax.sharding.Mesh, rules, batch_size: int,
                  face_id_path: str = "", compiler_options: dict[str, Any] | None = None):
-        shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
-        self.batch_size = max(1, math.ceil(batch_size / shards)) * shards
+        self.batch_size = sharding.round_batch_size(mesh, batch_size)
         self.mesh, self.rules = mesh, rules
         self.data_sharding = sharding.data_sharding(mesh)
         self.image_size = int(model.image_size)

@@ -47,7 +47,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Sequence
 
@@ -58,6 +57,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from vasa_jax import cli
 from vasa_jax.models.layers import Conv, Dense, GroupNorm, ResBlock, make_param
 
 CONFIG_FILE = "face_id.json"
@@ -452,24 +452,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num_workers", type=int, default=TrainSettings.num_workers)
     p.add_argument("--log_every", type=int, default=TrainSettings.log_every)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> dict[str, Any]:
         channels = tuple(int(c) for c in args.channels.split(","))
         settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                  seed=args.seed, num_workers=args.num_workers,
                                  log_every=args.log_every)
-        _, result = train(args.data, args.out, image_size=args.image_size, crop=args.crop,
-                       channels=channels, embed_dim=args.embed_dim, settings=settings)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps({"metrics": result["metrics"],
-                      "train_seconds": round(result["train"]["seconds"], 1)}, indent=2))
-    return 0
+        return train(args.data, args.out, image_size=args.image_size, crop=args.crop,
+                     channels=channels, embed_dim=args.embed_dim, settings=settings)[1]
+
+    return cli.run_training(run)
 
 
 if __name__ == "__main__":
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags; argparse parses ours
-    logging.set_verbosity(logging.INFO)
-    sys.exit(main())
+    cli.run_main(main)

@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any, Sequence
 
@@ -42,6 +41,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from vasa_jax import cli
 from vasa_jax.models import warping
 
 PARAMS_DIR = "params"
@@ -226,22 +226,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default = getattr(TrainSettings, name)
         p.add_argument(f"--{name}", type=type(default), default=default)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> dict[str, Any]:
         config = configs.load(args.config)
         settings = TrainSettings(**{k: getattr(args, k) for k in (
             "steps", "batch_size", "lr", "seed", "num_workers", "log_every")})
-        result = train(config, args.data, args.out, settings=settings)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps({"metrics": result["metrics"],
-                      "train_seconds": round(result["train"]["seconds"], 1)}, indent=2))
-    return 0
+        return train(config, args.data, args.out, settings=settings)
+
+    return cli.run_training(run)
 
 
 if __name__ == "__main__":
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags; argparse parses ours
-    logging.set_verbosity(logging.INFO)
-    sys.exit(main())
+    cli.run_main(main)

@@ -242,6 +242,13 @@ def data_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSh
     return NamedSharding(mesh, PartitionSpec(axes or None))
 
 
+def round_batch_size(mesh: Mesh, batch_size: int, batch_axes: Sequence[str] = BATCH_AXES) -> int:
+    """The smallest multiple of the mesh's batch-axis device count that is >= batch_size
+    (and >= 1): a fixed batch that `data_sharding` splits evenly."""
+    shards = math.prod(mesh.shape[a] for a in batch_axes if a in mesh.shape)
+    return max(1, math.ceil(batch_size / shards)) * shards
+
+
 def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
     """Turns each process's slice of the batch into global jax.Arrays.
 
