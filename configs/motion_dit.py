@@ -86,6 +86,9 @@ def loss_config() -> ml_collections.ConfigDict:
     # Random truncation of the last audio frames (short clips / the last window): with this
     # probability the audio after a random cut in [1, W) is zeroed.
     l.audio_truncate_prob = 0.1
+    # Gaussian noise (std, in normalised units) on the training windows' audio features:
+    # 0 = none.
+    l.audio_noise_std = 0.0
     l.x0_weight = 1.0  # ||X0 - H||^2 over the valid frames
     l.velocity_weight = 0.0  # ||dX0/dt - dH/dt||^2 (first differences), ablation
     l.accel_weight = 0.0  # second differences, ablation
@@ -168,7 +171,7 @@ def validate_guidance(g: ml_collections.ConfigDict) -> None:
 def validate_loss(l: ml_collections.ConfigDict) -> None:  # noqa: E741
     for name in ("drop_prob", "pre_drop_prob", "audio_truncate_prob"):
         common.check(0.0 <= l[name] <= 1.0, f"loss.{name} must be in [0, 1], got {l[name]}")
-    for name in ("x0_weight", "velocity_weight", "accel_weight"):
+    for name in ("x0_weight", "velocity_weight", "accel_weight", "audio_noise_std"):
         common.check(l[name] >= 0, f"loss.{name} must be >= 0, got {l[name]}")
     common.check(l.x0_weight + l.velocity_weight + l.accel_weight > 0,
                  "loss: x0_weight, velocity_weight and accel_weight are all 0: nothing to train")

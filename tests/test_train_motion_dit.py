@@ -146,6 +146,30 @@ def test_training_conditions_drop_and_truncate():
     assert np.all(np.diff(rows, axis=1) <= 0)
 
 
+def test_training_conditions_audio_noise():
+    cfg = configs.load("configs/motion_dit.py:size=tiny", loss__audio_noise_std=0.5,
+                       loss__audio_truncate_prob=0.0, loss__drop_prob=0.0).loss
+    b, w, k = 500, 10, 2
+    audio = np.ones((b, w, 3), np.float32)
+    audio[:, 7:] = 0.0  # padded frames past the clip's end
+    audio_pre = np.ones((b, k, 3), np.float32)
+    audio_pre[::2] = 0.0  # first windows: no context
+    batch = {"has_gaze": np.ones(b, bool), "has_distance": np.ones(b, bool),
+             "has_emotion": np.ones(b, bool), "has_pre": np.arange(b) % 2 == 1}
+    inputs = {"audio": jnp.asarray(audio), "audio_pre": jnp.asarray(audio_pre),
+              "motion_pre": jnp.ones((b, k, 5)), "gaze": jnp.ones((b, 2)),
+              "distance": jnp.ones((b, 1)), "emotion": jnp.ones((b, 8))}
+    cond = motion_dit.training_conditions(batch, inputs, jax.random.key(0), cfg)
+    noise = np.asarray(cond["audio"]) - audio
+    assert abs(noise[:, :7].std() - 0.5) < 0.01 and abs(noise[:, :7].mean()) < 0.01
+    assert np.all(np.asarray(cond["audio"])[:, 7:] == 0)  # padding stays zero
+    pre = np.asarray(cond["audio_pre"])
+    assert np.all(pre[::2] == 0) and abs((pre[1::2] - 1).std() - 0.5) < 0.02
+    clean = configs.load("configs/motion_dit.py:size=tiny", loss__audio_truncate_prob=0.0).loss
+    same = motion_dit.training_conditions(batch, inputs, jax.random.key(0), clean)
+    np.testing.assert_array_equal(np.asarray(same["audio"]), audio)
+
+
 # ----------------------------------------------------------------------------- runs
 
 

@@ -14,7 +14,8 @@ window's control signals (`data_pipeline.loaders.stage2_dataset`). One jitted st
      probability drop_prob; X_pre + A_pre together with pre_drop_prob, and always for a
      clip's first window (has_pre False); a control the data lacks (has_gaze False, ...) is
      always dropped. With probability audio_truncate_prob the audio after a random cut
-     in [1, W) is zeroed (a short clip's last window).
+     in [1, W) is zeroed (a short clip's last window). audio_noise_std > 0 adds Gaussian
+     noise to the normalised audio features of the real (non-padded) frames.
   3. t ~ U{0..T-1}, X_t = q_sample(X0, t, noise); the model predicts X0:
        loss = x0_weight * ||X0 - H||^2 + velocity_weight * ||dX0 - dH||^2
               + accel_weight * ||d2X0 - d2H||^2
@@ -127,13 +128,19 @@ def training_conditions(batch, inputs, rng, loss_cfg) -> dict[str, jax.Array]:
         "emotion": (u[:, 3] >= p) & jnp.asarray(batch["has_emotion"], bool),
         "pre": (u[:, 4] >= float(loss_cfg.pre_drop_prob)) & jnp.asarray(batch["has_pre"], bool),
     }
-    audio = inputs["audio"]
+    audio, audio_pre = inputs["audio"], inputs["audio_pre"]
+    std = float(loss_cfg.audio_noise_std)
+    if std > 0:  # on the real frames only: padding stays zero, as the sampler pads
+        k_a, k_p = jax.random.split(jax.random.fold_in(rng, 1))
+        real = lambda x: jnp.any(x != 0, axis=-1, keepdims=True)  # noqa: E731
+        audio = audio + std * jax.random.normal(k_a, audio.shape) * real(audio)
+        audio_pre = audio_pre + std * jax.random.normal(k_p, audio_pre.shape) * real(audio_pre)
     if loss_cfg.audio_truncate_prob > 0 and w > 1:
         truncate = jax.random.uniform(k_trunc, (b,)) < float(loss_cfg.audio_truncate_prob)
         cut = jax.random.randint(k_cut, (b,), 1, w)
         kept_frames = (jnp.arange(w)[None] < cut[:, None]) | ~truncate[:, None]
         audio = jnp.where(kept_frames[..., None], audio, 0.0)
-    cond = {"audio": audio, "audio_pre": inputs["audio_pre"],
+    cond = {"audio": audio, "audio_pre": audio_pre,
             "motion_pre": inputs["motion_pre"], "gaze": inputs["gaze"],
             "distance": inputs["distance"], "emotion": inputs["emotion"]}
     cond.update({KEEP_KEYS[c]: keep[c] for c in CONDITIONS})
