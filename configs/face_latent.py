@@ -214,6 +214,10 @@ def loss_config(size: str) -> ml_collections.ConfigDict:
     # slows down the first reconstructions, so it waits.
     l.gan_start_step = {"tiny": 100, "small": 0, "full": 0}[size]
     l.consist_weight = 10.0  # VASA-1 l_consist
+    # Share of a batch's (source, driving) pairs l_consist is computed on (the first
+    # round(fraction * B), at least 1). Each pair costs one more appearance encoding and
+    # two decodes: at 1.0 the term doubles a tiny CPU step.
+    l.consist_fraction = 1.0
     l.cross_id_weight = 4.0  # VASA-1 l_cross-id; needs face_id_path (else forced to 0)
     l.face_id_path = ""  # a `python -m vasa_jax.models.face_id train` export
     # Supervised head pose: L1 (radians) between z_pose's yaw/pitch/roll and the frames'
@@ -239,5 +243,7 @@ def validate_loss(l: ml_collections.ConfigDict, image_size: int) -> None:  # noq
     common.check(l.perceptual_scales >= 1 and image_size >> (l.perceptual_scales - 1) >= 16,
                  f"loss.perceptual_scales={l.perceptual_scales}: the smallest level of a "
                  f"{image_size}px pyramid must stay >= 16 px")
+    common.check(0.0 < l.consist_fraction <= 1.0,
+                 f"loss.consist_fraction must be in (0, 1], got {l.consist_fraction}")
     common.check(l.gan_start_step >= 0, f"loss.gan_start_step must be >= 0, got "
                  f"{l.gan_start_step}")

@@ -109,6 +109,13 @@ def decode_all(model: FaceLatentModel, jobs: dict[str, tuple]) -> dict[str, jax.
     return {n: out[end - size:end] for n, size, end in zip(names, sizes, ends)}
 
 
+def consist_pairs(batch: int, fraction: float) -> int:
+    """How many of a batch's (source, driving) pairs l_consist uses: round(fraction * batch),
+    at least 1. Each pair costs an appearance encoding and two decodes; the term's mean over
+    fewer pairs estimates the same expectation (loss.consist_fraction)."""
+    return max(1, min(batch, int(round(fraction * batch))))
+
+
 def _halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     n = x.shape[0] // 2
     return x[:n], x[n:]
@@ -178,17 +185,20 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     def generator_loss(g_params, g_graphdef, g_rest, disc, batch, frozen, gan_on):
         src, drv, crs = batch["source"], batch["driving"], batch["cross"]
         gen = nnx.merge(g_graphdef, g_params, g_rest)
-        # Driving frames are encoded fully: l_consist needs their appearance too.
+        b = src.shape[0]
+        k = consist_pairs(b, lc.consist_fraction) if w["consist"] > 0 else 0
         frames = jnp.concatenate([src, drv], axis=0)
         z_pose, z_dyn = gen.encode_motion(frames)
         pose_in = detach(z_pose)  # what the warps see
-        v_app, z_id = gen.encode_appearance(frames, pose_in, z_dyn)
-        (v_s, v_d), (id_s, id_d), (pose_s, pose_d), dyn_d = (
-            _halves(v_app), _halves(z_id), _halves(pose_in), _halves(z_dyn)[1])
+        (pose_s, pose_d), dyn_d = _halves(pose_in), _halves(z_dyn)[1]
+        # Appearance of every source, and of the first k driving frames: l_consist's
+        # V_app^j, z_id^j (k = 0 without l_consist).
+        v_app, z_id = gen.encode_appearance(frames[:b + k], pose_in[:b + k], z_dyn[:b + k])
+        v_s, id_s, v_d, id_d = v_app[:b], z_id[:b], v_app[b:], z_id[b:]
         jobs = {"recon": (v_s, id_s, pose_d, dyn_d)}
-        if w["consist"] > 0:  # losses.consistency_pair with i = source, j = driving
-            jobs["consist_a"] = (v_d, id_d, pose_s, dyn_d)
-            jobs["consist_b"] = (v_s, id_s, pose_s, dyn_d)
+        if k:  # losses.consistency_pair with i = source, j = driving, on k of the b pairs
+            jobs["consist_a"] = (v_d, id_d, pose_s[:k], dyn_d[:k])
+            jobs["consist_b"] = (v_s[:k], id_s[:k], pose_s[:k], dyn_d[:k])
         if w["cross_id"] > 0:
             pose_c, dyn_c = gen.encode_motion(crs)
             jobs["cross"] = (v_s, id_s, detach(pose_c), dyn_c)
