@@ -198,19 +198,24 @@ def test_ablations_remove_their_terms(run, data_dir):
 def test_consist_fraction_uses_the_first_pairs_only(run, data_dir):
     """loss.consist_fraction=0.5 on a batch of 2 computes l_consist on pair 0 alone: the
     same value as the full term on a batch holding pair 0 twice; L1 is untouched."""
-    def metrics(fraction, batch):
+    def compiled_step(fraction):
         config = tiny_config(data_dir, loss__perceptual_weight=0.0, loss__adv_weight=0.0,
                              loss__fm_weight=0.0, loss__consist_fraction=fraction)
         stage = face_latent.make_stage(config)
         step = jax.jit(loop.make_step_fn(run.graphdef, stage, config.seed))
         with sharding.mesh_rules(run.mesh, run.rules):
-            _, m = step(run.states[0], batch, np.int32(0), stage.frozen)
-        return {k: float(v) for k, v in jax.device_get(m).items()}
+            compiled = step.lower(run.states[0], run.batch, np.int32(0), stage.frozen).compile(
+                loop.FAST_CPU_COMPILE)
+        return lambda batch: {k: float(v) for k, v in jax.device_get(
+            compiled(run.states[0], batch, np.int32(0), stage.frozen)[1]).items()}
 
-    pairs = jax.device_get(run.batch)
-    twice = jax.tree.map(lambda x: np.stack([x[0], x[0]]), pairs)
-    half, full = metrics(0.5, pairs), metrics(1.0, pairs)
-    np.testing.assert_allclose(half["loss/consist"], metrics(1.0, twice)["loss/consist"],
+    pairs = run.batch
+    sharded = jax.tree.map(lambda x: x.sharding, pairs)
+    twice = jax.device_put(jax.tree.map(lambda x: np.stack([x[0], x[0]]),
+                                        jax.device_get(pairs)), sharded)
+    full_step = compiled_step(1.0)
+    half, full = compiled_step(0.5)(pairs), full_step(pairs)
+    np.testing.assert_allclose(half["loss/consist"], full_step(twice)["loss/consist"],
                                rtol=1e-4)
     np.testing.assert_allclose(half["loss/l1"], full["loss/l1"], rtol=1e-5)
     assert not np.isclose(half["loss/consist"], full["loss/consist"], rtol=1e-3)
