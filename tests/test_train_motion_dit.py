@@ -158,7 +158,8 @@ def test_training_conditions_audio_noise():
              "has_emotion": np.ones(b, bool), "has_pre": np.arange(b) % 2 == 1}
     inputs = {"audio": jnp.asarray(audio), "audio_pre": jnp.asarray(audio_pre),
               "motion_pre": jnp.ones((b, k, 5)), "gaze": jnp.ones((b, 2)),
-              "distance": jnp.ones((b, 1)), "emotion": jnp.ones((b, 8))}
+              "distance": jnp.ones((b, 1)), "emotion": jnp.ones((b, 8)),
+              "valid": jnp.arange(w)[None].repeat(b, 0) < 7}
     cond = motion_dit.training_conditions(batch, inputs, jax.random.key(0), cfg)
     noise = np.asarray(cond["audio"]) - audio
     assert abs(noise[:, :7].std() - 0.5) < 0.01 and abs(noise[:, :7].mean()) < 0.01

@@ -132,9 +132,9 @@ def training_conditions(batch, inputs, rng, loss_cfg) -> dict[str, jax.Array]:
     std = float(loss_cfg.audio_noise_std)
     if std > 0:  # on the real frames only: padding stays zero, as the sampler pads
         k_a, k_p = jax.random.split(jax.random.fold_in(rng, 1))
-        real = lambda x: jnp.any(x != 0, axis=-1, keepdims=True)  # noqa: E731
-        audio = audio + std * jax.random.normal(k_a, audio.shape) * real(audio)
-        audio_pre = audio_pre + std * jax.random.normal(k_p, audio_pre.shape) * real(audio_pre)
+        has_pre = jnp.asarray(batch["has_pre"], bool)[:, None, None]
+        audio = audio + std * jax.random.normal(k_a, audio.shape) * inputs["valid"][..., None]
+        audio_pre = audio_pre + std * jax.random.normal(k_p, audio_pre.shape) * has_pre
     if loss_cfg.audio_truncate_prob > 0 and w > 1:
         truncate = jax.random.uniform(k_trunc, (b,)) < float(loss_cfg.audio_truncate_prob)
         cut = jax.random.randint(k_cut, (b,), 1, w)
