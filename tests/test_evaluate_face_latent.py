@@ -137,6 +137,11 @@ def test_cli_prints_summary_and_writes_json_and_figure(cli_result):
     sr = result["self_reenactment"]
     assert sr["num_pairs"] == 3 * FRAMES_PER_CLIP
     assert 0 < sr["psnr"] < 60 and -1 <= sr["ssim"] <= 1
+    cp = sr["copy_source"]
+    assert 0 < cp["psnr"] < 60 and -1 <= cp["ssim"] <= 1
+    assert set(sr["region_psnr"]) == set(cp["region_psnr"]) == {"eyes", "mouth"}
+    assert all(0 < v < 60 for v in [*sr["region_psnr"].values(), *cp["region_psnr"].values()])
+    assert "self-reenactment PSNR in the face boxes (copying the source): eyes" in text
     cr = result["cross_reenactment"]
     assert cr["method"] == "z_id" and "FALLBACK" in cr["label"]
     assert cr["num_pairs"] == 3 * FRAMES_PER_CLIP
@@ -190,6 +195,17 @@ def test_reenactment_metrics_are_those_of_its_images(run, restored, cli_result):
                                rtol=1e-4)
     np.testing.assert_allclose(res["ssim"], image_metrics.ssim(res["images"], target),
                                atol=1e-4)
+    masks = face_latent.region_masks(SIZE)
+    assert sorted(masks) == ["eyes", "mouth"] and all(m.sum() > 0 for m in masks.values())
+    for name, mask in masks.items():
+        np.testing.assert_allclose(
+            res[f"psnr_{name}"], image_metrics.psnr(res["images"], target, mask=mask), rtol=1e-4)
+    # The copy-the-source floor: the source frames themselves against the targets.
+    source = runner.images(frames[src])
+    np.testing.assert_allclose(res["copy_psnr"], image_metrics.psnr(source, target), rtol=1e-4)
+    np.testing.assert_allclose(res["copy_psnr_mouth"],
+                               image_metrics.psnr(source, target, mask=masks["mouth"]),
+                               rtol=1e-4)
     # A pair's output does not depend on its place in the batch or on the padding rows.
     again = runner.reenact(face_latent.Rows(frames, src[::-1]), z_pose[drv[::-1]],
                            z_dyn[drv[::-1]], return_images=True, progress=False)

@@ -49,6 +49,24 @@ def test_psnr_batched_and_jittable():
     np.testing.assert_allclose(np.asarray(out).ravel(), flat, rtol=1e-6)
 
 
+def test_psnr_of_a_masked_region_is_that_of_its_crop():
+    x = _images(4)
+    y = x + np.random.default_rng(1).normal(0, 0.1, x.shape).astype(np.float32)
+    mask = np.zeros(x.shape[1:3], np.float32)
+    mask[3:9, 5:12] = 1.0
+    np.testing.assert_allclose(image.psnr(x, y, mask=mask),
+                               image.psnr(x[:, 3:9, 5:12], y[:, 3:9, 5:12]), rtol=1e-5)
+    np.testing.assert_allclose(image.psnr(x, y, mask=np.ones_like(mask)), image.psnr(x, y),
+                               rtol=1e-6)
+    # Errors outside the mask do not count.
+    z = y.copy()
+    z[:, 0] += 0.5
+    np.testing.assert_allclose(image.psnr(x, z, mask=mask), image.psnr(x, y, mask=mask),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="does not match"):
+        image.psnr(x, y, mask=mask[:-1])
+
+
 def test_psnr_rejects_bad_input():
     x = _images(3)
     with pytest.raises(ValueError, match="different shapes"):

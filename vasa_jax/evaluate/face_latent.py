@@ -11,7 +11,9 @@ live one if the checkpoint has no EMA) and measures, on the clips of split --spl
   driving = `frames_per_clip` other frames of the same clip (evenly spaced), output =
   D(V_app, z_id of the source; z_pose, z_dyn of the driving frame), target = the driving
   frame. PSNR (dB) and SSIM (`vasa_jax.metrics.image`, images in [-1, 1], outputs clipped
-  to it), averaged over all (source, driving) pairs.
+  to it), averaged over all (source, driving) pairs; the PSNR inside the eye and mouth
+  boxes (`vasa_jax.losses.FACE_REGIONS`); and all of these for copying the source frame
+  (the floor of a model that moves nothing: a rendered blink or mouth beats it in its box).
 - Cross-reenactment identity similarity (what l_cross-id trains for): source = frame 0 of
   clip c, motion from the driving frames of the next clip (in split order) of ANOTHER
   identity. Reported: the mean cosine similarity between the face-ID embeddings of the
@@ -64,7 +66,7 @@ from PIL import Image
 
 from data_pipeline import schema
 from data_pipeline import transforms as T
-from vasa_jax import checkpointing
+from vasa_jax import checkpointing, losses
 from vasa_jax.metrics import image as image_metrics
 from vasa_jax.metrics import probes
 from vasa_jax.parallel import sharding
@@ -310,9 +312,21 @@ def _embed(graphdef, identity, state, id_params, frames):
     return identity(nnx.merge(graphdef, state), id_params, _to_float(frames))
 
 
+def region_masks(size: int) -> dict[str, np.ndarray]:
+    """{region: [S, S] 0/1 mask} of the losses' landmark-free face boxes (eyes, mouth)."""
+    return {name: losses.face_region_weights(size, region_weight=1.0,
+                                             regions={name: box})[..., 0] - 1.0
+            for name, box in losses.FACE_REGIONS.items()}
+
+
 def _quality(images, target_frames):
+    """images [B, S, S, 3] in [-1, 1] vs uint8 targets -> {"psnr", "ssim", "psnr_<region>"
+    for each face box} [B]: a rendered expression shows in its box's PSNR."""
     target = _to_float(target_frames)
-    return image_metrics.psnr(images, target), image_metrics.ssim(images, target)
+    out = {"psnr": image_metrics.psnr(images, target), "ssim": image_metrics.ssim(images, target)}
+    for name, mask in region_masks(images.shape[-2]).items():
+        out[f"psnr_{name}"] = image_metrics.psnr(images, target, mask=mask)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -392,8 +406,10 @@ class BatchRunner:
         """Decodes sources' appearance with the given motion.
 
         sources, targets: uint8 frames [N, S, S, 3]; z_pose [N, 7]; z_dyn [N, D]. Returns
-        {"embedding": [N, E]} plus "psnr", "ssim" [N] against targets (if given) and
-        "images" [N, S, S, 3] in [-1, 1] (if return_images).
+        {"embedding": [N, E]}, "images" [N, S, S, 3] in [-1, 1] (if return_images) and,
+        against targets (if given), `_quality`'s [N] metrics ("psnr", "ssim",
+        "psnr_<region>") of the outputs and, prefixed "copy_", of the source frames
+        themselves (the floor: a model that moves nothing).
         """
         transfer, quality = self._fns["transfer"], self._fns["quality"]
 
@@ -402,7 +418,9 @@ class BatchRunner:
                                 pose, dyn)
             res = {"embedding": emb}
             if target:
-                res["psnr"], res["ssim"] = quality(out, target[0])
+                res.update(quality(out, target[0]))
+                copy = quality(_to_float(src), target[0])
+                res.update({f"copy_{k}": v for k, v in copy.items()})
             if return_images:
                 res["images"] = out
             return res
@@ -625,10 +643,17 @@ def evaluate(workdir: str, data: str, settings: Settings = Settings(),
     res = runner.reenact(Rows(frames, sources[pair_clip]), z_pose[drv], z_dyn[drv],
                          Rows(frames, drv), desc="self-reenactment", progress=settings.progress)
     self_id = _cosine(res["embedding"], source_emb[pair_clip])
+    # An exact reconstruction has infinite PSNR: capped at 100 dB in the mean.
+    mean_psnr = lambda key: _finite(np.mean(np.minimum(res[key], 100.0)))  # noqa: E731
+    regions = list(losses.FACE_REGIONS)
     self_reenactment = {
-        # An exact reconstruction has infinite PSNR: capped at 100 dB in the mean.
-        "psnr": _finite(np.mean(np.minimum(res["psnr"], 100.0))),
+        "psnr": mean_psnr("psnr"),
         "ssim": float(np.mean(res["ssim"])),
+        # PSNR inside the eye / mouth boxes: where expressions change the face.
+        "region_psnr": {r: mean_psnr(f"psnr_{r}") for r in regions},
+        # The same for the source frame itself (no motion transferred).
+        "copy_source": {"psnr": mean_psnr("copy_psnr"), "ssim": float(np.mean(res["copy_ssim"])),
+                        "region_psnr": {r: mean_psnr(f"copy_psnr_{r}") for r in regions}},
         "num_pairs": int(len(drv)),
     }
     timings["self_reenactment"] = time.perf_counter() - t0
@@ -761,12 +786,17 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     """The human-readable report; the last line is `psnr: X`."""
     fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)  # noqa: E731
     sr, cr, pr = result["self_reenactment"], result["cross_reenactment"], result["probes"]
+    cp = sr["copy_source"]
     lines = [
         f"{NAME} eval: step {result['step']} ({result['weights']} weights), "
         f"{result['num_clips']} {result['split']} clips of {result['num_identities']} "
         f"identities, {result['image_size']}px",
         f"self-reenactment: PSNR {fmt(sr['psnr'], '.2f')} dB, SSIM {sr['ssim']:.4f} "
-        f"({sr['num_pairs']} pairs)",
+        f"({sr['num_pairs']} pairs); copying the source frame: PSNR "
+        f"{fmt(cp['psnr'], '.2f')} dB, SSIM {cp['ssim']:.4f}",
+        "self-reenactment PSNR in the face boxes (copying the source): " + ", ".join(
+            f"{r} {fmt(v, '.2f')} ({fmt(cp['region_psnr'][r], '.2f')}) dB"
+            for r, v in sr["region_psnr"].items()),
     ]
     if "skipped" in cr:
         lines.append(f"cross-reenactment identity similarity: skipped ({cr['skipped']})")

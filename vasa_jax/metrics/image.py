@@ -40,24 +40,36 @@ def _check_pair(x: jax.Array, y: jax.Array, name: str) -> None:
         raise ValueError(f"{name}: expected images [..., H, W, C], got shape {x.shape}")
 
 
-def mse(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Mean squared error per image: [..., H, W, C] x 2 -> [...] (float32)."""
+def mse(x: jax.Array, y: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """Mean squared error per image: [..., H, W, C] x 2 -> [...] (float32).
+
+    mask: optional [H, W] 0/1 (or non-negative) pixel weights, the same for every image:
+    the error is averaged over the weighted pixels only (e.g. a face region's box).
+    """
     _check_pair(x, y, "mse")
     d = x.astype(jnp.float32) - y.astype(jnp.float32)
-    return jnp.mean(d * d, axis=(-3, -2, -1))
+    if mask is None:
+        return jnp.mean(d * d, axis=(-3, -2, -1))
+    if mask.shape != x.shape[-3:-1]:
+        raise ValueError(f"mse: mask {mask.shape} does not match the images' H, W "
+                         f"{x.shape[-3:-1]}")
+    w = jnp.asarray(mask, jnp.float32)[:, :, None]
+    return jnp.sum(d * d * w, axis=(-3, -2, -1)) / (jnp.sum(w) * x.shape[-1])
 
 
 def psnr(
-    x: jax.Array, y: jax.Array, *, value_range: tuple[float, float] = DEFAULT_RANGE
+    x: jax.Array, y: jax.Array, *, value_range: tuple[float, float] = DEFAULT_RANGE,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Peak signal-to-noise ratio in dB per image: [..., H, W, C] x 2 -> [...].
 
     PSNR = 10 log10(L^2 / MSE) with L = high - low of `value_range`; +inf for identical
     images. Average PSNR over a data set as the mean of the per-image values (the usual
     convention), after dropping or capping infinities if identical pairs can occur.
+    mask: [H, W] pixel weights (`mse`): the PSNR of a region, e.g. the mouth's box.
     """
     peak = _data_range(value_range)
-    return 10.0 * jnp.log10(peak * peak / mse(x, y))
+    return 10.0 * jnp.log10(peak * peak / mse(x, y, mask=mask))
 
 
 def gaussian_kernel(size: int = 11, sigma: float = 1.5) -> jax.Array:
