@@ -314,8 +314,7 @@ def _embed(graphdef, identity, state, id_params, frames):
 
 def region_masks(size: int) -> dict[str, np.ndarray]:
     """{region: [S, S] 0/1 mask} of the losses' landmark-free face boxes (eyes, mouth)."""
-    return {name: losses.face_region_weights(size, region_weight=1.0,
-                                             regions={name: box})[..., 0] - 1.0
+    return {name: losses.face_region_mask(size, {name: box}).astype(np.float32)
             for name, box in losses.FACE_REGIONS.items()}
 
 

@@ -13,6 +13,7 @@ from vasa_jax.losses.face_latent import (
     consistency_pair,
     cosine_similarity,
     cross_identity_loss,
+    face_region_mask,
     face_region_weights,
     l1_loss,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "consistency_pair",
     "cosine_similarity",
     "cross_identity_loss",
+    "face_region_mask",
     "face_region_weights",
     "feature_matching_loss",
     "hinge_d_loss",

@@ -46,11 +46,21 @@ def face_region_weights(
     box if its centre is. Overlapping boxes do not add up (weight is 1 + region_weight).
     Returns float32 [H, W, 1], to broadcast against [B, H, W, C] in `l1_loss`.
     """
+    if region_weight < 0:
+        raise ValueError(f"region_weight must be >= 0, got {region_weight}")
+    inside = face_region_mask(size, regions)
+    return (1.0 + region_weight * inside).astype(np.float32)[..., None]
+
+
+def face_region_mask(
+    size: int | tuple[int, int],
+    regions: Mapping[str, tuple[float, float, float, float]] = FACE_REGIONS,
+) -> np.ndarray:
+    """bool [H, W]: the pixels (by their centres) inside any of the `regions` boxes
+    ((x0, y0, x1, y1) in [0, 1]); size S (square) or (H, W)."""
     h, w = (size, size) if isinstance(size, int) else size
     if h <= 0 or w <= 0:
         raise ValueError(f"size must be positive, got {size}")
-    if region_weight < 0:
-        raise ValueError(f"region_weight must be >= 0, got {region_weight}")
     ys = (np.arange(h) + 0.5) / h
     xs = (np.arange(w) + 0.5) / w
     inside = np.zeros((h, w), bool)
@@ -58,7 +68,7 @@ def face_region_weights(
         if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
             raise ValueError(f"region {name!r} box {(x0, y0, x1, y1)} is not inside [0, 1]^2")
         inside |= ((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
-    return (1.0 + region_weight * inside).astype(np.float32)[..., None]
+    return inside
 
 
 def l1_loss(x: jax.Array, y: jax.Array, weights: jax.Array | np.ndarray | None = None) -> jax.Array:
