@@ -1,0 +1,167 @@
+"""The supervised ceiling of the z_dyn probes: how well the stage-1 dynamics encoder can read
+mouth, blink and gaze at all, at this resolution and compute budget.
+
+`evaluate face_latent` probes z_dyn linearly for the ground-truth mouth opening, blink and
+gaze; stage 1 must learn those from reconstruction alone. This script gives that number a
+ceiling. It trains the same encoder (the config's E_mtn dynamics net, z_dyn [B, dyn_dim])
+*directly on the labels*, through a linear read-out z_dyn -> (mouth_open, blink, gaze):
+
+    frames [B, S, S, 3] -> E_mtn.dynamics -> z_dyn [B, D] -> Dense -> [B, 4]
+    loss = mean squared error against (mouth_open, blink, gaze / 20 deg)
+
+and every --eval_every steps runs the evaluator's own probes (`run_probes`: ridge fit on
+train-split frames, R^2 on the test split) on z_dyn. If the supervised encoder cannot reach
+a probe target in some number of steps, reconstruction-trained z_dyn will not either.
+
+    python scripts/probe_ceiling.py --data D [--config configs/face_latent.py:size=tiny]
+        [--steps 1300] [--batch_size 4] [--eval_every 100] [--out ceiling.json]
+
+Prints one line per evaluation (step, seconds of training, probe R^2) and writes them as JSON.
+Frames come from `read_clips` (the evaluator's reader): --train_clips clips of the train
+split, --frames_per_clip frames each, held in memory; no augmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import configs  # noqa: E402
+from vasa_jax.evaluate import face_latent as evaluator  # noqa: E402
+from vasa_jax.models import face_latent, layers  # noqa: E402
+
+TARGETS = ("mouth_open", "blink", "gaze")  # the z_dyn probes' labels (gaze: theta, phi)
+GAZE_SCALE = 20.0  # degrees -> about unit range, like mouth_open and blink
+PROBES = ("mouth_open_from_z_dyn", "blink_from_z_dyn", "gaze_from_z_dyn")
+
+
+def targets(clips) -> np.ndarray:
+    """[N, 4] float32: mouth_open, blink, gaze theta / 20, gaze phi / 20 of every frame."""
+    for c in clips:
+        missing = [t for t in TARGETS if t not in c.labels]
+        if missing:
+            raise ValueError(f"clip {c.clip_id} has no {missing} labels: the ceiling needs "
+                             f"{TARGETS} (SynthTalk data has them)")
+    cols = [np.concatenate([c.labels[t] for c in clips]).reshape(-1, 1 if t != "gaze" else 2)
+            for t in TARGETS]
+    cols[-1] = cols[-1] / GAZE_SCALE
+    return np.concatenate(cols, axis=1).astype(np.float32)
+
+
+class Supervised(nnx.Module):
+    """E_mtn (only its dynamics net is trained) + a linear read-out of z_dyn."""
+
+    def __init__(self, model_cfg, *, rngs: nnx.Rngs):
+        self.encoder = face_latent.motion_encoder(model_cfg, rngs=rngs)
+        self.readout = layers.Dense(model_cfg.motion.dyn_dim, 4, names=("embed", None),
+                                    rngs=rngs)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.readout(self.encoder.dynamics(images))
+
+
+def _to_float(frames: np.ndarray) -> jax.Array:
+    return jnp.asarray(frames, jnp.float32) / 127.5 - 1.0
+
+
+@nnx.jit
+def _encode(model: Supervised, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return model.encoder(images)
+
+
+def encode(model: Supervised, clips, batch: int = 64) -> dict[str, np.ndarray]:
+    """{"z_pose", "z_dyn"} of every frame of the clips (z_pose untrained: shapes only)."""
+    frames = np.concatenate([c.frames for c in clips])
+    out = [_encode(model, _to_float(frames[i:i + batch])) for i in range(0, len(frames), batch)]
+    return {"z_pose": np.concatenate([np.asarray(p) for p, _ in out]),
+            "z_dyn": np.concatenate([np.asarray(d) for _, d in out])}
+
+
+def run(config, data: str, *, steps: int, batch_size: int, lr: float, eval_every: int,
+        train_clips: int, frames_per_clip: int, test_clips: int | None, seed: int = 0,
+        log=print) -> list[dict]:
+    """Trains and evaluates; returns one record per evaluation (step 0 = untrained)."""
+    size = config.model.image_size
+    train, _ = evaluator.read_clips(data, "train", size, max_clips=train_clips,
+                                    frames_per_clip=frames_per_clip, include_first=False,
+                                    progress=False)
+    test, _ = evaluator.read_clips(data, "test", size, max_clips=test_clips,
+                                   frames_per_clip=frames_per_clip, include_first=False,
+                                   progress=False)
+    frames = np.concatenate([c.frames for c in train])
+    y = targets(train)
+    targets(test)  # fail before training if the test split lacks a label
+    model = Supervised(config.model, rngs=nnx.Rngs(seed))
+    wrt = nnx.Any(nnx.PathContains("dyn_net"), nnx.PathContains("readout"))
+    opt = nnx.Optimizer(model, optax.adam(lr), wrt=wrt)
+
+    @nnx.jit
+    def step(model, opt, x, t):
+        def loss_fn(m):
+            return jnp.mean((m(x) - t) ** 2)
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
+        opt.update(model, grads)
+        return loss
+
+    rng = np.random.default_rng(seed)
+    records, trained_s, losses = [], 0.0, []
+    for s in range(steps + 1):
+        if s % eval_every == 0 or s == steps:
+            probes = evaluator.run_probes(test, encode(model, test), train,
+                                          encode(model, train), kfold=5)
+            rec = {"step": s, "train_seconds": round(trained_s, 1),
+                   "loss": float(np.mean(losses)) if losses else None,
+                   **{p: probes[p]["r2_mean"] for p in PROBES}}
+            records.append(rec)
+            losses = []
+            log(f"step {s:5d}  {trained_s:6.0f}s  " + "  ".join(
+                f"{p.split('_from')[0]} R^2 {rec[p]:.3f}" for p in PROBES))
+        if s == steps:
+            break
+        idx = rng.integers(0, len(frames), batch_size)
+        t0 = time.perf_counter()
+        losses.append(float(step(model, opt, _to_float(frames[idx]), jnp.asarray(y[idx]))))
+        trained_s += time.perf_counter() - t0
+    return records
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="a SynthTalk dataset (train and test splits)")
+    p.add_argument("--config", default="configs/face_latent.py:size=tiny")
+    p.add_argument("--steps", type=int, default=1300)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval_every", type=int, default=100)
+    p.add_argument("--train_clips", type=int, default=256)
+    p.add_argument("--frames_per_clip", type=int, default=16)
+    p.add_argument("--test_clips", type=int, default=None)
+    p.add_argument("--out", default=None, help="write the records here as JSON")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.eval_every < 1 or args.batch_size < 1:
+        p.error("--steps, --eval_every and --batch_size must be >= 1")
+    config = configs.load(args.config)
+    records = run(config, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                  eval_every=args.eval_every, train_clips=args.train_clips,
+                  frames_per_clip=args.frames_per_clip, test_clips=args.test_clips)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"config": args.config, "data": args.data, "settings": vars(args),
+                       "records": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
