@@ -15,6 +15,7 @@ a probe target in some number of steps, reconstruction-trained z_dyn will not ei
 
     python scripts/probe_ceiling.py --data D [--config configs/face_latent.py:size=tiny]
         [--steps 1300] [--batch_size 4] [--eval_every 100] [--out ceiling.json]
+        [--set model.motion.input_size=128 ...]   (any config field, as train.py's --config.X)
 
 Prints one line per evaluation (step, seconds of training, probe R^2) and writes them as JSON.
 Frames come from `read_clips` (the evaluator's reader): --train_clips clips of the train
@@ -24,6 +25,7 @@ split, --frames_per_clip frames each, held in memory; no augmentation.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -136,6 +138,22 @@ def run(config, data: str, *, steps: int, batch_size: int, lr: float, eval_every
     return records
 
 
+def parse_overrides(items) -> dict:
+    """["model.motion.input_size=128", ...] -> {"model__motion__input_size": 128} for
+    configs.load. Values are Python literals, or strings when they do not parse as one."""
+    overrides = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            raise ValueError(f"--set needs FIELD=VALUE, got {item!r}")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a plain string
+        overrides[field.replace(".", "__")] = value
+    return overrides
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,10 +167,16 @@ def main(argv=None) -> int:
     p.add_argument("--frames_per_clip", type=int, default=16)
     p.add_argument("--test_clips", type=int, default=None)
     p.add_argument("--out", default=None, help="write the records here as JSON")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field (repeatable); VALUE is a Python literal "
+                        "or else a string")
     args = p.parse_args(argv)
     if args.steps < 1 or args.eval_every < 1 or args.batch_size < 1:
         p.error("--steps, --eval_every and --batch_size must be >= 1")
-    config = configs.load(args.config)
+    try:
+        config = configs.load(args.config, **parse_overrides(args.set))
+    except ValueError as e:  # configs.ConfigError included
+        p.error(str(e))
     records = run(config, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                   eval_every=args.eval_every, train_clips=args.train_clips,
                   frames_per_clip=args.frames_per_clip, test_clips=args.test_clips)
