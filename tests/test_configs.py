@@ -53,6 +53,7 @@ def test_override_applies():
         ("face_latent", dict(data__batch_size=0), "batch_size"),
         ("face_latent", dict(data__image_size=100), "image_size"),
         ("face_latent", dict(data__split="val"), "data.split"),
+        ("face_latent", dict(model__motion__dyn_groups=-1), "dyn_groups"),
         ("motion_dit", dict(data__window=0), "window"),
         ("motion_dit", dict(data__motion_source="latents"), "motion_source"),
         ("motion_dit", dict(data__audio__frontend="hubert"), "frontend"),

@@ -405,6 +405,44 @@ def test_weight_standardisation_and_group_norm():
     np.testing.assert_allclose(y.std((1, 3)), 1, atol=1e-3)
 
 
+def test_zero_groups_turn_the_normalisation_off_and_keep_the_parameters():
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8)) * 5 + 3
+    norm = layers.GroupNorm(8, groups=0, rngs=nnx.Rngs(0))
+    norm.scale[...] = jnp.arange(8.0)
+    norm.bias[...] = jnp.full((8,), 0.5)
+    np.testing.assert_allclose(np.asarray(norm(x)), np.asarray(x * jnp.arange(8.0) + 0.5),
+                               rtol=1e-6)
+    grouped = layers.GroupNorm(8, groups=2, rngs=nnx.Rngs(0))
+    assert jax.tree.map(jnp.shape, nnx.state(norm, nnx.Param)) == jax.tree.map(
+        jnp.shape, nnx.state(grouped, nnx.Param))
+    ada = layers.AdaptiveGroupNorm(8, 3, groups=0, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(np.asarray(ada(x, jnp.zeros((2, 3)))), np.asarray(x),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="groups must be >= 0"):
+        layers.GroupNorm(8, groups=-1, rngs=nnx.Rngs(0))
+
+
+def test_motion_encoder_dyn_groups_changes_only_the_dynamics_net():
+    import configs
+    from vasa_jax.models import face_latent
+
+    cfg = configs.load("configs/face_latent.py:size=tiny", model__motion__dyn_groups=0).model
+    enc = face_latent.motion_encoder(cfg, rngs=nnx.Rngs(0))
+    dyn_norms = [m for _, m in nnx.iter_graph(enc.dyn_net) if isinstance(m, layers.GroupNorm)]
+    pose_norms = [m for _, m in nnx.iter_graph(enc.pose_net) if isinstance(m, layers.GroupNorm)]
+    assert dyn_norms and all(m.groups == 0 for m in dyn_norms)
+    assert pose_norms and all(m.groups == min(cfg.groups, m.channels) for m in pose_norms)
+    default = face_latent.motion_encoder(configs.load("configs/face_latent.py:size=tiny").model,
+                                         rngs=nnx.Rngs(0))
+    assert default.dyn_net.norm.groups == enc.pose_net.norm.groups
+    # Same parameter tree either way: a pre-trained pose net or checkpoint still loads.
+    assert jax.tree.map(jnp.shape, nnx.state(default, nnx.Param)) == jax.tree.map(
+        jnp.shape, nnx.state(enc, nnx.Param))
+    x = jax.random.uniform(jax.random.key(0), (2, cfg.image_size, cfg.image_size, 3), minval=-1)
+    z_pose, z_dyn = enc(x)
+    assert z_pose.shape == (2, 7) and z_dyn.shape == (2, cfg.motion.dyn_dim)
+
+
 def test_adaptive_group_norm_depends_on_condition():
     ada = layers.AdaptiveGroupNorm(8, 3, groups=2, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))

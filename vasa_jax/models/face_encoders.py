@@ -117,7 +117,8 @@ class MotionEncoder(nnx.Module):
     """E_mtn: image -> (z_pose [B, 7], z_dyn [B, dyn_dim]), two independent encoders.
 
     The pose head starts small (init_scale 0.1), so an untrained encoder predicts poses
-    near the identity instead of random rotations.
+    near the identity instead of random rotations. `dyn_groups` (None: `groups`) sets the
+    dynamics net's GroupNorm groups alone; 0 turns its normalisation off.
     """
 
     def __init__(
@@ -134,6 +135,7 @@ class MotionEncoder(nnx.Module):
         max_log_scale: float,
         groups: int,
         pool: str = "mean",
+        dyn_groups: int | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -144,6 +146,8 @@ class MotionEncoder(nnx.Module):
             rngs=rngs,
         )
         self.pose_net = ResNetEncoder(out_dim=warping.POSE_DIM, head_init_scale=0.1, **common)
+        if dyn_groups is not None:
+            common["groups"] = dyn_groups
         self.dyn_net = ResNetEncoder(out_dim=dyn_dim, **common)
         self.max_angles = tuple(math.radians(a) for a in max_angles_deg)
         self.max_translation = float(max_translation)

@@ -67,7 +67,8 @@ def motion_encoder(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs
         image_size=cfg.image_size, input_size=m.input_size, stem=m.stem,
         channels=tuple(m.channels), blocks=tuple(m.blocks), dyn_dim=m.dyn_dim,
         max_angles_deg=tuple(m.max_angles_deg), max_translation=m.max_translation,
-        max_log_scale=m.max_log_scale, groups=cfg.groups, pool=m.pool, **dtypes(cfg),
+        max_log_scale=m.max_log_scale, groups=cfg.groups, pool=m.pool,
+        dyn_groups=m.get("dyn_groups"), **dtypes(cfg),
         rngs=rngs,
     )
 

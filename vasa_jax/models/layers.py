@@ -260,7 +260,12 @@ class Conv(nnx.Module):
 
 
 def _group_normalize(x: jax.Array, groups: int, eps: float) -> jax.Array:
-    """Normalises [B, *spatial, C] over (spatial, C / groups) per group, in float32."""
+    """Normalises [B, *spatial, C] over (spatial, C / groups) per group, in float32.
+
+    groups 0: no normalisation (x in float32).
+    """
+    if groups == 0:
+        return x.astype(jnp.float32)
     b, c = x.shape[0], x.shape[-1]
     xg = x.astype(jnp.float32).reshape(b, -1, groups, c // groups)
     mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
@@ -269,6 +274,10 @@ def _group_normalize(x: jax.Array, groups: int, eps: float) -> jax.Array:
 
 
 def _check_groups(channels: int, groups: int) -> int:
+    if groups < 0:
+        raise ValueError(f"GroupNorm: groups must be >= 0 (0: no normalisation), got {groups}")
+    if groups == 0:
+        return 0
     groups = min(groups, channels)
     if channels % groups:
         raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups")
@@ -278,7 +287,8 @@ def _check_groups(channels: int, groups: int) -> int:
 class GroupNorm(nnx.Module):
     """GroupNorm over [B, *spatial, C]; statistics in float32, output in `dtype`.
 
-    Uses min(groups, C) groups so narrow layers of tiny configs still work.
+    Uses min(groups, C) groups so narrow layers of tiny configs still work. groups 0 turns
+    the normalisation off and keeps the per-channel scale and bias (same parameters).
     """
 
     def __init__(
@@ -313,6 +323,7 @@ class AdaptiveGroupNorm(nnx.Module):
     y = GN(x) * (1 + gamma(cond)) + beta(cond), with [gamma, beta] = Dense(cond). The
     "1 +" and the small init of the projection make an untrained layer close to a plain
     GroupNorm, while gradients still reach the conditioning codes from the first step.
+    groups 0: no normalisation, the modulation only.
     """
 
     def __init__(
