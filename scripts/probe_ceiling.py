@@ -4,10 +4,10 @@ mouth, blink and gaze at all, at this resolution and compute budget.
 `evaluate face_latent` probes z_dyn linearly for the ground-truth mouth opening, blink and
 gaze; stage 1 must learn those from reconstruction alone. This script gives that number a
 ceiling. It trains the same encoder (the config's E_mtn dynamics net, z_dyn [B, dyn_dim])
-*directly on the labels*, through a linear read-out z_dyn -> (mouth_open, blink, gaze):
+*directly on the labels* (--targets, default all three), through a linear read-out:
 
-    frames [B, S, S, 3] -> E_mtn.dynamics -> z_dyn [B, D] -> Dense -> [B, 4]
-    loss = mean squared error against (mouth_open, blink, gaze / 20 deg)
+    frames [B, S, S, 3] -> E_mtn.dynamics -> z_dyn [B, D] -> Dense -> [B, K]
+    loss = mean squared error against (mouth_open, blink, gaze / 20 deg; K = 4 for all)
 
 and every --eval_every steps runs the evaluator's own probes (`run_probes`: ridge fit on
 train-split frames, R^2 on the test split) on z_dyn. If the supervised encoder cannot reach
@@ -15,7 +15,8 @@ a probe target in some number of steps, reconstruction-trained z_dyn will not ei
 
     python scripts/probe_ceiling.py --data D [--config configs/face_latent.py:size=tiny]
         [--steps 1300] [--batch_size 4] [--eval_every 100] [--out ceiling.json]
-        [--set model.motion.input_size=128 ...]   (any config field, as train.py's --config.X)
+        [--targets mouth_open,blink,gaze] [--set model.motion.dyn_groups=0 ...]
+        (--set: any config field, as train.py's --config.X)
 
 Prints one line per evaluation (step, seconds of training, probe R^2) and writes them as JSON.
 Frames come from `read_clips` (the evaluator's reader): --train_clips clips of the train
@@ -48,26 +49,29 @@ GAZE_SCALE = 20.0  # degrees -> about unit range, like mouth_open and blink
 PROBES = ("mouth_open_from_z_dyn", "blink_from_z_dyn", "gaze_from_z_dyn")
 
 
-def targets(clips) -> np.ndarray:
-    """[N, 4] float32: mouth_open, blink, gaze theta / 20, gaze phi / 20 of every frame."""
+def targets(clips, names=TARGETS) -> np.ndarray:
+    """[N, K] float32 of every frame, columns in `names` order: mouth_open, blink (1 each),
+    gaze theta / 20 and phi / 20 (2). The probes need all of TARGETS, so all are checked."""
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        raise ValueError(f"targets must be a non-empty subset of {TARGETS}, got {names}")
     for c in clips:
         missing = [t for t in TARGETS if t not in c.labels]
         if missing:
             raise ValueError(f"clip {c.clip_id} has no {missing} labels: the ceiling needs "
                              f"{TARGETS} (SynthTalk data has them)")
     cols = [np.concatenate([c.labels[t] for c in clips]).reshape(-1, 1 if t != "gaze" else 2)
-            for t in TARGETS]
-    cols[-1] = cols[-1] / GAZE_SCALE
+            / (GAZE_SCALE if t == "gaze" else 1.0) for t in names]
     return np.concatenate(cols, axis=1).astype(np.float32)
 
 
 class Supervised(nnx.Module):
     """E_mtn (only its dynamics net is trained) + a linear read-out of z_dyn."""
 
-    def __init__(self, model_cfg, *, rngs: nnx.Rngs):
+    def __init__(self, model_cfg, num_targets: int, *, rngs: nnx.Rngs):
         self.encoder = face_latent.motion_encoder(model_cfg, rngs=rngs)
-        self.readout = layers.Dense(model_cfg.motion.dyn_dim, 4, names=("embed", None),
-                                    rngs=rngs)
+        self.readout = layers.Dense(model_cfg.motion.dyn_dim, num_targets,
+                                    names=("embed", None), rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.readout(self.encoder.dynamics(images))
@@ -91,8 +95,8 @@ def encode(model: Supervised, clips, batch: int = 64) -> dict[str, np.ndarray]:
 
 
 def run(config, data: str, *, steps: int, batch_size: int, lr: float, eval_every: int,
-        train_clips: int, frames_per_clip: int, test_clips: int | None, seed: int = 0,
-        log=print) -> list[dict]:
+        train_clips: int, frames_per_clip: int, test_clips: int | None,
+        target_names=TARGETS, seed: int = 0, log=print) -> list[dict]:
     """Trains and evaluates; returns one record per evaluation (step 0 = untrained)."""
     size = config.model.image_size
     train, _ = evaluator.read_clips(data, "train", size, max_clips=train_clips,
@@ -102,9 +106,9 @@ def run(config, data: str, *, steps: int, batch_size: int, lr: float, eval_every
                                    frames_per_clip=frames_per_clip, include_first=False,
                                    progress=False)
     frames = np.concatenate([c.frames for c in train])
-    y = targets(train)
+    y = targets(train, target_names)
     targets(test)  # fail before training if the test split lacks a label
-    model = Supervised(config.model, rngs=nnx.Rngs(seed))
+    model = Supervised(config.model, y.shape[1], rngs=nnx.Rngs(seed))
     wrt = nnx.Any(nnx.PathContains("dyn_net"), nnx.PathContains("readout"))
     opt = nnx.Optimizer(model, optax.adam(lr), wrt=wrt)
 
@@ -166,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--train_clips", type=int, default=256)
     p.add_argument("--frames_per_clip", type=int, default=16)
     p.add_argument("--test_clips", type=int, default=None)
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help="comma-separated labels the encoder is taught (the probes score all)")
     p.add_argument("--out", default=None, help="write the records here as JSON")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field (repeatable); VALUE is a Python literal "
@@ -173,13 +179,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or args.eval_every < 1 or args.batch_size < 1:
         p.error("--steps, --eval_every and --batch_size must be >= 1")
+    names = tuple(t for t in args.targets.split(",") if t)
+    if not names or any(t not in TARGETS for t in names):
+        p.error(f"--targets must be a comma-separated subset of {TARGETS}, got {args.targets!r}")
     try:
         config = configs.load(args.config, **parse_overrides(args.set))
     except ValueError as e:  # configs.ConfigError included
         p.error(str(e))
     records = run(config, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                   eval_every=args.eval_every, train_clips=args.train_clips,
-                  frames_per_clip=args.frames_per_clip, test_clips=args.test_clips)
+                  frames_per_clip=args.frames_per_clip, test_clips=args.test_clips,
+                  target_names=names)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"config": args.config, "data": args.data, "settings": vars(args),

@@ -56,6 +56,10 @@ def test_targets_scale_gaze_and_name_missing_labels(data):
     np.testing.assert_allclose(y[:3, 0], clips[0].labels["mouth_open"])
     np.testing.assert_allclose(y[:3, 2:], clips[0].labels["gaze"] / script.GAZE_SCALE,
                                rtol=1e-6)
+    np.testing.assert_array_equal(script.targets(clips, ("gaze", "mouth_open")),
+                                  y[:, [2, 3, 0]])
+    with pytest.raises(ValueError, match="subset"):
+        script.targets(clips, ("mouth",))
     del clips[0].labels["blink"]
     with pytest.raises(ValueError, match="blink"):
         script.targets(clips)
@@ -71,3 +75,6 @@ def test_set_overrides_parse_literals_and_strings_and_reject_typos(data, capsys)
     with pytest.raises(SystemExit):
         script.main(["--data", data, "--set", "model.motion.input_sise=128"])
     assert "input_sise" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(["--data", data, "--targets", "mouth"])
+    assert "--targets" in capsys.readouterr().err
