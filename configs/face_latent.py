@@ -53,9 +53,9 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
              # (the shallow tiny encoders need to know where a feature is to read pose).
              pool=pick("flatten", "mean", "mean"),
              # GroupNorm groups of the dynamics net alone (None: model.groups; 0: no
-             # normalisation). Trained directly on the labels (scripts/probe_ceiling.py,
-             # batch 16, 3000 steps), the tiny net reads SynthTalk's mouth at held-out R^2
-             # 0.67 without GroupNorm and 0.05 with it.
+             # normalisation). Taught SynthTalk's mouth directly (scripts/probe_ceiling.py
+             # --targets mouth_open, batch 16, 3000 steps), the tiny net reads it at held-out
+             # R^2 0.68 without GroupNorm and 0.08 with it.
              dyn_groups=ml_collections.config_dict.placeholder(int),
              # A `python -m vasa_jax.models.face_pose train` export: the pose net starts
              # from it (MegaPortraits pre-trains its head-pose estimator). "" = random init.
