@@ -41,6 +41,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import configs  # noqa: E402
+from data_pipeline.transforms import to_signed_float  # noqa: E402
 from vasa_jax.evaluate import face_latent as evaluator  # noqa: E402
 from vasa_jax.models import face_latent, layers  # noqa: E402
 
@@ -49,12 +50,16 @@ GAZE_SCALE = 20.0  # degrees -> about unit range, like mouth_open and blink
 PROBES = ("mouth_open_from_z_dyn", "blink_from_z_dyn", "gaze_from_z_dyn")
 
 
+def check_target_names(names) -> None:
+    """Raises ValueError unless `names` is a non-empty subset of TARGETS."""
+    if not names or any(t not in TARGETS for t in names):
+        raise ValueError(f"targets must be a non-empty subset of {TARGETS}, got {names}")
+
+
 def targets(clips, names=TARGETS) -> np.ndarray:
     """[N, K] float32 of every frame, columns in `names` order: mouth_open, blink (1 each),
     gaze theta / 20 and phi / 20 (2). The probes need all of TARGETS, so all are checked."""
-    unknown = [t for t in names if t not in TARGETS]
-    if unknown or not names:
-        raise ValueError(f"targets must be a non-empty subset of {TARGETS}, got {names}")
+    check_target_names(names)
     for c in clips:
         missing = [t for t in TARGETS if t not in c.labels]
         if missing:
@@ -77,10 +82,6 @@ class Supervised(nnx.Module):
         return self.readout(self.encoder.dynamics(images))
 
 
-def _to_float(frames: np.ndarray) -> jax.Array:
-    return jnp.asarray(frames, jnp.float32) / 127.5 - 1.0
-
-
 @nnx.jit
 def _encode(model: Supervised, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     return model.encoder(images)
@@ -89,7 +90,8 @@ def _encode(model: Supervised, images: jax.Array) -> tuple[jax.Array, jax.Array]
 def encode(model: Supervised, clips, batch: int = 64) -> dict[str, np.ndarray]:
     """{"z_pose", "z_dyn"} of every frame of the clips (z_pose untrained: shapes only)."""
     frames = np.concatenate([c.frames for c in clips])
-    out = [_encode(model, _to_float(frames[i:i + batch])) for i in range(0, len(frames), batch)]
+    out = [_encode(model, to_signed_float(frames[i:i + batch]))
+           for i in range(0, len(frames), batch)]
     return {"z_pose": np.concatenate([np.asarray(p) for p, _ in out]),
             "z_dyn": np.concatenate([np.asarray(d) for _, d in out])}
 
@@ -137,7 +139,7 @@ def run(config, data: str, *, steps: int, batch_size: int, lr: float, eval_every
             break
         idx = rng.integers(0, len(frames), batch_size)
         t0 = time.perf_counter()
-        losses.append(float(step(model, opt, _to_float(frames[idx]), jnp.asarray(y[idx]))))
+        losses.append(float(step(model, opt, to_signed_float(frames[idx]), y[idx])))
         trained_s += time.perf_counter() - t0
     return records
 
@@ -180,8 +182,10 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.eval_every < 1 or args.batch_size < 1:
         p.error("--steps, --eval_every and --batch_size must be >= 1")
     names = tuple(t for t in args.targets.split(",") if t)
-    if not names or any(t not in TARGETS for t in names):
-        p.error(f"--targets must be a comma-separated subset of {TARGETS}, got {args.targets!r}")
+    try:
+        check_target_names(names)
+    except ValueError as e:
+        p.error(f"--targets: {e}")
     try:
         config = configs.load(args.config, **parse_overrides(args.set))
     except ValueError as e:  # configs.ConfigError included
