@@ -22,7 +22,8 @@ frame_format    str                         "jpeg" or "png"
 height, width   int                         frame size (square crops: H == W)
 frames          list[bytes]                 T encoded RGB frames
 audio           int16 [N]                   mono PCM; N ~= T / fps * sample_rate
-labels          dict[str, array [T, ...]]   per-frame ground truth when known (LABELS)
+labels          dict[str, array [T, ...]]   per-frame ground truth when known (LABELS,
+                                            BOX_LABELS)
 features        dict[str, array [T, ...]]   precomputed per-frame features, e.g. stage-1
                                             motion latents "motion" or audio features
 attrs           dict                        JSON-able extras (spoken text, voice, ...)
@@ -43,6 +44,25 @@ Per-frame labels (all float32 unless noted; any subset may be present):
   ``mouth_round`` [T] 0 .. 1 (rounded lips, "oo").
 - ``emotion`` int32 [T]: index into EMOTIONS; ``emotion_probs`` [T, len(EMOTIONS)].
 - ``distance`` [T]: head-to-camera distance over the dataset's nominal distance (1 = usual).
+- ``mouth_box``, ``eyes_box`` [T, 4] (`BOX_LABELS`): where the mouth (the lips and the
+  opening between them) and both eyes are in frame t: (x0, y0, x1, y1) in [0, 1] image
+  coordinates (x right, y down; 0 and 1 are the frame's edges), clipped to the frame. For
+  weighting losses / metrics by region per frame. SynthTalk projects them from its 3D
+  geometry; real-video preprocessing can take them from landmarks (the lip contour; the eye
+  contours with the lids).
+
+Face crops (how a face is framed in a record's square frames, `FACE_CROP_HEIGHT`,
+`FACE_CROP_CENTER`): like the aligned face crops of talking-head datasets (VoxCeleb-style),
+the face from the top of the eyebrows to the bottom of the chin spans ~70%
+(`FACE_CROP_HEIGHT` = 0.68) of the frame height at a frontal, neutral pose (mouth closed),
+and the midpoint of that span sits at the frame centre, horizontally and vertically.
+SynthTalk's default "face" framing (data_pipeline/synthtalk/render.py) is built to this
+convention. Real-video preprocessing crops the same way: per clip (track), measure with
+landmarks the brow-top-to-chin-bottom height h and its midpoint c (the median over the
+clip's frames, or a frontal frame), cut the square of side h / FACE_CROP_HEIGHT centred at
+c, fixed for the clip (or smoothed slowly), so that head motion moves the face within the
+frame as it does in SynthTalk, and resize to the dataset's size. At this scale the turns,
+shifts and distance changes of a talking head keep the eyes and mouth inside the frame.
 """
 
 from __future__ import annotations
@@ -80,6 +100,18 @@ LABELS: dict[str, tuple[int, ...]] = {
     "distance": (),
 }
 POSE_NAMES = ("yaw", "pitch", "roll", "tx", "ty", "tz")
+# Per-frame image-space boxes, name -> trailing shape: (x0, y0, x1, y1) in [0, 1] image
+# coordinates (x right, y down), 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1. Kept apart
+# from LABELS (what a clip's ground truth *is*: the renderer's inputs) because they depend
+# on the framing; a record may hold any subset of LABELS and BOX_LABELS.
+BOX_LABELS: dict[str, tuple[int, ...]] = {
+    "mouth_box": (4,),
+    "eyes_box": (4,),
+}
+# Face crop convention (see the module docstring): brow-top-to-chin-bottom height over the
+# frame height at a frontal, neutral pose, and where the brow-chin midpoint sits (x, y).
+FACE_CROP_HEIGHT = 0.68
+FACE_CROP_CENTER = (0.5, 0.5)
 
 DATASET_INFO = "dataset.json"
 SHARD_SUFFIX = ".array_record"
@@ -249,20 +281,33 @@ def validate_clip(clip: Clip) -> None:
             f"(expected ~{expected:.0f})"
         )
     for name, arr in clip.labels.items():
-        if name not in LABELS:
+        shape = LABELS.get(name, BOX_LABELS.get(name))
+        if shape is None:
             raise CorruptRecordError(f"{clip.clip_id}: unknown label {name!r}")
-        if arr.shape != (t, *LABELS[name]):
+        if arr.shape != (t, *shape):
             raise CorruptRecordError(
-                f"{clip.clip_id}: label {name} has shape {arr.shape}, "
-                f"expected {(t, *LABELS[name])}"
+                f"{clip.clip_id}: label {name} has shape {arr.shape}, expected {(t, *shape)}"
             )
         if not np.all(np.isfinite(arr)):
             raise CorruptRecordError(f"{clip.clip_id}: label {name} has non-finite values")
+        if name in BOX_LABELS and not _valid_boxes(arr):
+            raise CorruptRecordError(
+                f"{clip.clip_id}: label {name} has boxes outside [0, 1] or with x0 > x1 / y0 > y1"
+            )
     for name, arr in clip.features.items():
         if arr.ndim < 1 or arr.shape[0] != t:
             raise CorruptRecordError(
                 f"{clip.clip_id}: feature {name} has shape {arr.shape}, needs leading T={t}"
             )
+
+
+def _valid_boxes(boxes: np.ndarray) -> bool:
+    """[T, 4] (x0, y0, x1, y1): all in [0, 1] with x0 <= x1 and y0 <= y1."""
+    return bool(
+        np.all((boxes >= 0) & (boxes <= 1))
+        and np.all(boxes[:, 0] <= boxes[:, 2])
+        and np.all(boxes[:, 1] <= boxes[:, 3])
+    )
 
 
 def read_record_header(data: bytes) -> dict[str, Any]:

@@ -106,6 +106,33 @@ def test_inconsistent_clips_are_rejected(clip):
     schema.encode_clip(variant(audio=np.zeros(len(clip.audio) + 640, np.float32)))
 
 
+def test_box_labels_round_trip_and_are_validated(clip):
+    """mouth_box / eyes_box (schema.BOX_LABELS): [T, 4] (x0, y0, x1, y1) in [0, 1]."""
+    assert set(schema.BOX_LABELS) == {"mouth_box", "eyes_box"}
+    assert not set(schema.BOX_LABELS) & set(schema.LABELS)  # stage-2 label vectors unchanged
+    t = clip.num_frames
+    boxes = np.tile(np.array([0.3, 0.55, 0.7, 0.75], np.float32), (t, 1))
+    eyes = np.tile(np.array([0.2, 0.2, 0.8, 0.35], np.float32), (t, 1))
+    good = schema.Clip(**{**clip.__dict__,
+                          "labels": {**clip.labels, "mouth_box": boxes, "eyes_box": eyes}})
+    back = schema.decode_clip(schema.encode_clip(good))
+    np.testing.assert_array_equal(back.labels["mouth_box"], boxes)
+    np.testing.assert_array_equal(back.labels["eyes_box"], eyes)
+    flipped = boxes.copy()
+    flipped[3] = [0.7, 0.55, 0.3, 0.75]  # x0 > x1
+    outside = boxes.copy()
+    outside[0, 3] = 1.2
+    for name, bad in {"shape": boxes[:, :3], "length": boxes[1:], "x0 > x1": flipped,
+                      "outside": outside}.items():
+        variant = schema.Clip(**{**clip.__dict__, "labels": {**clip.labels, "mouth_box": bad}})
+        with pytest.raises(schema.CorruptRecordError, match="mouth_box"):
+            schema.encode_clip(variant)
+            pytest.fail(name)
+    # The crop convention is stated as numbers that preprocessing can use.
+    assert 0.6 <= schema.FACE_CROP_HEIGHT <= 0.8
+    np.testing.assert_allclose(schema.FACE_CROP_CENTER, (0.5, 0.5))
+
+
 def test_record_header(clip):
     header = schema.read_record_header(schema.encode_clip(clip))
     assert header == {"clip_id": "c0", "identity_id": 3, "num_frames": 30}

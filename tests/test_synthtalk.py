@@ -168,6 +168,199 @@ def test_renderer_sizes_and_supersampling():
         render.HeadRenderer(ident, 64, 0)
 
 
+# ----------------------------------------------------------------------------- framing
+
+
+def _rows_cols(renderer, frame, names):
+    """Rows and columns (supersampled pixels) where the parts `names` are seen."""
+    mask = _part_mask(renderer, frame, names)
+    return np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+
+
+def _lower_face(renderer, frame):
+    """[size, size]: output pixels wholly on the lower face (where the mouth decal lives)."""
+    mask = _part_mask(renderer, frame, ("face", "jaw", "chin", "muzzle"))
+    k = renderer.ss
+    return mask.reshape(renderer.size, k, renderer.size, k).all((1, 3))
+
+
+def _mouth_interior(img):
+    """[H, W]: dark red pixels (mouth cavity / tongue; skin and natural lips are paler)."""
+    img = img.astype(float)
+    return (img[..., 1] < 0.45 * img[..., 0]) & (img.mean(-1) < 90)
+
+
+_NATURAL_LIPS = (0.874, 0.449, 0.395)  # the lip colour of skin (0.9, 0.74, 0.63), no lipstick
+
+
+def test_face_framing_frames_brow_to_chin_like_a_face_crop():
+    """Default "face" framing: brow-to-chin ~70% of the height (schema.FACE_CROP_HEIGHT),
+    centred; "portrait" (the original) shows the face at under half the height."""
+    assert render.DEFAULT_FRAMING == "face"
+    frame = render.neutral_frame()
+    for i in range(3):
+        ident = _plain_identity(i)
+        r = render.HeadRenderer(ident, 64, 2)
+        brows, _ = _rows_cols(r, frame, ("brow_l", "brow_r"))
+        face, _ = _rows_cols(r, frame, ("face", "jaw", "chin", "muzzle"))
+        _, nose = _rows_cols(r, frame, ("nose",))
+        top, bottom = brows.min(), face.max() + 1
+        frac = (bottom - top) / r.n
+        assert 0.6 <= frac <= 0.8, (i, frac)
+        assert abs(frac - schema.FACE_CROP_HEIGHT) < 0.06, (i, frac)
+        assert abs((top + bottom) / 2 / r.n - 0.5) < 0.04, (i, top, bottom)  # centred ...
+        assert abs((nose.min() + nose.max() + 1) / 2 / r.n - 0.5) < 0.02  # ... both ways
+        # The geometric extent (part_boxes) agrees with the pixels.
+        boxes = r.part_boxes(frame, ("brow_l", "brow_r", "chin"))
+        geo_top = min(boxes["brow_l"][1], boxes["brow_r"][1])
+        assert abs(geo_top - top / r.n) < 1.5 / r.n
+        assert abs(boxes["chin"][3] - bottom / r.n) < 1.5 / r.n
+        portrait = render.HeadRenderer(ident, 64, 2, "portrait")
+        brows, _ = _rows_cols(portrait, frame, ("brow_l", "brow_r"))
+        face, _ = _rows_cols(portrait, frame, ("face", "jaw", "chin", "muzzle"))
+        assert (face.max() + 1 - brows.min()) / portrait.n < 0.5
+
+
+def test_face_stays_in_frame_at_the_motion_generators_extremes():
+    """Each of motion.py's largest excursions alone, with the mouth closed or wide open:
+    brow-to-chin stays in the frame at the nominal distance, and the eyes, nose and mouth
+    stay in it with the head at the nearest distance too (per-clip distance >= 0.88, plus
+    a small drift)."""
+    yaw, pitch, roll = motion.POSE_LIMITS  # soft bounds: the angles never reach them
+    extremes = [(0, yaw), (0, -yaw), (1, pitch), (1, -pitch), (2, roll), (2, -roll),
+                (3, 0.25), (3, -0.25), (4, -0.01), (4, 0.28)]  # tx, ty: head radii
+    for i in range(3):
+        r = render.HeadRenderer(sample_identity(0, i), 64, 1)
+        for axis, value in extremes:
+            for distance, parts in ((1.0, ("brow_l", "brow_r", "chin")), (0.8, ("nose",))):
+                for mouth_open in (0.0, 1.0):
+                    pose = np.array(_pose(), np.float32)
+                    pose[axis] = value
+                    pose[5] = distance * render.NOMINAL_DISTANCE
+                    frame = render.neutral_frame(pose=pose, mouth_open=mouth_open)
+                    boxes = [*r.part_boxes(frame, parts).values(),
+                             *r.boxes(frame, clip=False).values()]
+                    b = np.stack(boxes)
+                    where = (i, axis, value, distance, mouth_open)
+                    assert b[:, :2].min() >= 0.0 and b[:, 2:].max() <= 1.0, (where, b)
+
+
+def test_open_mouth_is_several_pixels_tall_at_64px():
+    """In the face framing a wide-open mouth shows >= 4 px of dark mouth interior at 64 px;
+    a closed one at most a 1 px line; all of it inside the mouth_box label."""
+    for i in range(3):
+        r = render.HeadRenderer(_plain_identity(i, lips=_NATURAL_LIPS), 64)
+        spans = {}
+        for mouth_open in (0.0, 1.0):
+            frame = render.neutral_frame(mouth_open=mouth_open)
+            inside = _mouth_interior(r.render(frame)) & _lower_face(r, frame)
+            rows, cols = np.nonzero(inside)
+            spans[mouth_open] = rows.max() - rows.min() + 1 if rows.size else 0
+            x0, y0, x1, y1 = r.boxes(frame)["mouth_box"] * r.size
+            assert np.all((cols + 0.5 > x0) & (cols + 0.5 < x1)), (i, mouth_open)
+            assert np.all((rows + 0.5 > y0) & (rows + 0.5 < y1)), (i, mouth_open)
+        assert spans[1.0] >= 4 and spans[0.0] <= 1, (i, spans)
+
+
+def test_box_labels_bound_the_mouth_and_the_eyes():
+    poses = [_pose(), _pose(yaw=20, pitch=10, roll=6), _pose(yaw=-22, pitch=-12, roll=-8)]
+    for i in range(2):
+        ident = _plain_identity(i, lips=_NATURAL_LIPS)
+        r = render.HeadRenderer(ident, 64)
+        for pose in poses:
+            frame = render.neutral_frame(pose=pose, mouth_open=0.9)
+            boxes = r.boxes(frame)
+            assert set(boxes) == set(schema.BOX_LABELS)
+            for name, box in boxes.items():
+                assert box.dtype == np.float32 and box.shape == (4,)
+                assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1, (name, box)
+            # Every eye pixel (supersampled, by its centre) lies in eyes_box, which is tight.
+            rows, cols = np.nonzero(_part_mask(r, frame, ("eye_l", "eye_r")))
+            x0, y0, x1, y1 = boxes["eyes_box"] * r.n
+            tol = 1.0  # supersampled pixels
+            assert np.all((cols + 0.5 > x0 - tol) & (cols + 0.5 < x1 + tol))
+            assert np.all((rows + 0.5 > y0 - tol) & (rows + 0.5 < y1 + tol))
+            assert (cols.max() + 1 - cols.min()) > 0.85 * (x1 - x0)
+            assert (rows.max() + 1 - rows.min()) > 0.7 * (y1 - y0)
+            # What a blink changes lies in eyes_box; the dark mouth interior in mouth_box.
+            img = r.render(frame).astype(float)
+            blink = r.render(render.neutral_frame(pose=pose, mouth_open=0.9, blink=1.0))
+            rows, cols = np.nonzero(np.abs(img - blink).max(-1) > 30)
+            assert rows.size > 4
+            x0, y0, x1, y1 = boxes["eyes_box"] * r.size
+            assert np.all((cols + 0.5 > x0 - 0.5) & (cols + 0.5 < x1 + 0.5))
+            assert np.all((rows + 0.5 > y0 - 0.5) & (rows + 0.5 < y1 + 0.5))
+            rows, cols = np.nonzero(_mouth_interior(img) & _lower_face(r, frame))
+            assert rows.size > 4
+            x0, y0, x1, y1 = boxes["mouth_box"] * r.size
+            assert np.all((cols + 0.5 > x0) & (cols + 0.5 < x1))
+            assert np.all((rows + 0.5 > y0) & (rows + 0.5 < y1))
+            # mouth_box is the box of the lips (reddish pixels), open or closed, to ~1 px.
+            for mouth_open in (0.0, 0.9):
+                f = render.neutral_frame(pose=pose, mouth_open=mouth_open)
+                im = r.render(f).astype(float)
+                rows, cols = np.nonzero((im[..., 1] < 0.68 * im[..., 0]) & _lower_face(r, f))
+                pixels = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+                np.testing.assert_allclose(pixels, r.boxes(f)["mouth_box"] * r.size, atol=1.0)
+    # The mouth box opens with the mouth; boxes move with the head.
+    r = render.HeadRenderer(_plain_identity(0), 64)
+    closed = r.boxes(render.neutral_frame(mouth_open=0.0))["mouth_box"]
+    wide = r.boxes(render.neutral_frame(mouth_open=1.0))["mouth_box"]
+    assert (wide[3] - wide[1]) * 64 > (closed[3] - closed[1]) * 64 + 4
+    right = r.boxes(render.neutral_frame(pose=_pose(yaw=20)))
+    assert right["eyes_box"][0] > r.boxes(render.neutral_frame())["eyes_box"][0] + 0.05
+    # Out of the frame, the boxes are clipped to it.
+    far_right = render.neutral_frame(pose=np.array([0, 0, 0, 1.5, 0.12, 7.0], np.float32))
+    assert r.boxes(far_right)["eyes_box"][2] == pytest.approx(1.0)
+    assert r.boxes(far_right, clip=False)["eyes_box"][2] > 1.0
+
+
+def test_portrait_framing_is_unchanged():
+    """--framing portrait renders exactly what SynthTalk rendered before the face framing
+    (checksums computed with the code before it), so old corpora stay reproducible."""
+    assert render.focal_length(64, "portrait") == pytest.approx(131.7647058823)
+    assert render.focal_length(256, "portrait") == pytest.approx(527.0588235294)
+    assert render.principal_point(64, "portrait") == pytest.approx((32.0, 32.0))
+    assert render.focal_length(64) == pytest.approx(render.focal_length(64, "face"))
+    # (pixel sum, sum weighted by row, by column) per RGB channel, uint8 frames.
+    expected = {
+        1: ([569509, 539535, 583530], [16726039, 15840984, 17822890],
+            [17695638, 16766320, 18129284]),
+        2: ([529550, 473148, 464216], [15017038, 13388316, 13685546],
+            [16840003, 15129686, 14952405]),
+    }
+    poses = {1: ((10, 5, 4, 0.05, 0.1, 7.5), 0.8), 2: ((-20, -10, -6, -0.1, 0.15, 6.5), 0.0)}
+    for idx, (pose, mouth_open) in poses.items():
+        r = render.HeadRenderer(sample_identity(0, idx), 64, 2, "portrait")
+        frame = render.neutral_frame(pose=np.array(pose, np.float32), mouth_open=mouth_open)
+        img = r.render(frame).astype(np.int64)
+        rows = np.arange(64)[:, None, None]
+        cols = np.arange(64)[None, :, None]
+        got = (img.sum((0, 1)), (img * rows).sum((0, 1)), (img * cols).sum((0, 1)))
+        for g, e in zip(got, expected[idx]):
+            np.testing.assert_allclose(g, e, rtol=2e-5)
+    with pytest.raises(ValueError, match="framing"):
+        render.HeadRenderer(sample_identity(0, 0), 64, 1, "closeup")
+
+
+def test_project_matches_the_renderer():
+    """render.project puts a head-local point where the renderer draws it (the pupil)."""
+    ident = _plain_identity(1)
+    for framing in ("face", "portrait"):
+        r = render.HeadRenderer(ident, 128, 1, framing)
+        pose = _pose(yaw=10, pitch=-5)
+        frame = render.neutral_frame(pose=pose)
+        eye = next(p for p in r.static.parts if p.name == "eye_r")
+        rot = render.rotation_matrix(*pose[:3])
+        front = np.asarray(eye.center) + rot.T @ np.array([0, 0, -eye.radii[2]])
+        cam = rot @ front + pose[3:6]
+        x, y = render.project(cam, 128, framing)
+        img = r.render(frame).astype(float)
+        mask = _part_mask(r, frame, ("eye_r",)) & (img.mean(-1) < 60)  # pupil
+        rows, cols = np.nonzero(mask)
+        assert abs(cols.mean() + 0.5 - x) < 1.5 and abs(rows.mean() + 0.5 - y) < 1.5, framing
+
+
 # ----------------------------------------------------------------------------- speech
 
 
@@ -299,8 +492,20 @@ def test_make_clip_roundtrip_and_labels(small_cfg):
     assert clip.num_frames == 50 and len(clip.audio) == 32000
     back = schema.decode_clip(schema.encode_clip(clip))
     assert back.clip_id == clip.clip_id and back.attrs == clip.attrs
-    for name in schema.LABELS:
+    assert set(clip.labels) == set(schema.LABELS) | set(schema.BOX_LABELS)
+    for name in clip.labels:
         np.testing.assert_array_equal(back.labels[name], clip.labels[name])
+    # Per-frame boxes: those of the renderer for that frame's labels.
+    renderer = render.HeadRenderer(sample_identity(small_cfg.seed, 1), 64, 1)
+    for t in (0, 31):
+        frame = {k: clip.labels[k][t] for k in schema.LABELS}
+        for name, box in renderer.boxes(frame).items():
+            np.testing.assert_allclose(clip.labels[name][t], box, atol=1e-6)
+    for name in schema.BOX_LABELS:
+        boxes = clip.labels[name]
+        assert boxes.shape == (50, 4) and boxes.dtype == np.float32
+        assert np.all(boxes[:, :2] < boxes[:, 2:]) and boxes.min() >= 0 and boxes.max() <= 1
+    assert clip.labels["mouth_box"][:, 1].min() > clip.labels["eyes_box"][:, 3].max()
     np.testing.assert_allclose(back.audio, clip.audio, atol=1e-4)
     frames = back.decode_frames([0, 49])
     assert frames.shape == (2, 64, 64, 3)
@@ -345,6 +550,9 @@ def test_config_rejects_bad_arguments():
         generate.SynthTalkConfig(2, 1, 1.0, size=100)
     with pytest.raises(ValueError, match="identity"):
         generate.SynthTalkConfig(0, 1, 1.0)
+    with pytest.raises(ValueError, match="framing"):
+        generate.SynthTalkConfig(2, 1, 1.0, framing="closeup")
+    assert generate.SynthTalkConfig(2, 1, 1.0).framing == "face"
 
 
 def test_cli_end_to_end(tmp_path, capsys):
@@ -380,8 +588,12 @@ def test_cli_end_to_end(tmp_path, capsys):
     info = schema.DatasetInfo.load(out)
     assert info.source == "synthtalk" and info.height == info.width == 64
     assert info.clips == {"train": 2, "test": 2} and info.num_identities == 2
-    assert set(info.labels) == set(schema.LABELS)
+    assert set(info.labels) == set(schema.LABELS) | set(schema.BOX_LABELS)
+    assert info.extra["camera"]["framing"] == info.extra["args"]["framing"] == "face"
     assert info.extra["camera"]["focal_px"] == pytest.approx(render.focal_length(64))
+    np.testing.assert_allclose(
+        info.extra["camera"]["principal_point_px"], render.principal_point(64, "face")
+    )
     train = schema.list_shards(out, "train")
     assert len(train) == 2 and len(schema.list_shards(out, "test")) == 2
     source = schema.read_records(schema.list_shards(out))
@@ -404,8 +616,13 @@ def test_cli_end_to_end(tmp_path, capsys):
     ]
     assert cli_main(small + ["--test_clips_per_identity", "3"]) == 2  # bad argument
     assert cli_main(small) == 2  # refuses to mix with the existing dataset
-    assert cli_main(small + ["--overwrite"]) == 0
+    with pytest.raises(SystemExit):  # argparse rejects an unknown framing
+        cli_main(small + ["--framing", "closeup"])
+    assert cli_main(small + ["--overwrite", "--framing", "portrait"]) == 0
     assert [os.path.basename(p) for p in schema.list_shards(out)] == [
         schema.shard_name("train", 0, 1)
     ]
+    camera = schema.DatasetInfo.load(out).extra["camera"]
+    assert camera["framing"] == "portrait"
+    assert camera["focal_px"] == pytest.approx(render.focal_length(64, "portrait"))
     assert not os.path.exists(os.path.join(out, "preview.mp4"))

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from data_pipeline.synthtalk import generate, speech
+from data_pipeline.synthtalk import generate, render, speech
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="anti-aliasing factor; 0 = 2 for sizes <= 128, else 1",
     )
     p.add_argument(
+        "--framing",
+        default=render.DEFAULT_FRAMING,
+        choices=tuple(render.FRAMINGS),
+        help="face: the face fills ~70%% of the height, centred, like aligned talking-head "
+        "crops (data_pipeline/schema.py); portrait: head and shoulders (the original "
+        f"framing). Default {render.DEFAULT_FRAMING}",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace a dataset already in --out (else that is an error)",
@@ -70,6 +78,7 @@ def main(argv=None) -> int:
             frame_format=args.frame_format,
             tts=args.tts,
             supersample=args.supersample,
+            framing=args.framing,
         )
         if args.workers is not None and args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")

@@ -28,7 +28,9 @@ _CLIP_STREAM = 0xC1
 
 @dataclasses.dataclass(frozen=True)
 class SynthTalkConfig:
-    """What to generate. `supersample` 0 picks 2x for sizes <= 128 (small faces alias)."""
+    """What to generate. `supersample` 0 picks 2x for sizes <= 128 (small faces alias).
+    `framing` (render.FRAMINGS): "face" frames the face like aligned talking-head crops
+    (schema.FACE_CROP_HEIGHT); "portrait" is the original head-and-shoulders framing."""
 
     num_identities: int
     clips_per_identity: int
@@ -39,6 +41,7 @@ class SynthTalkConfig:
     frame_format: str = "jpeg"
     tts: str = "auto"  # speech.ENGINES
     supersample: int = 0
+    framing: str = render.DEFAULT_FRAMING
 
     def __post_init__(self):
         if self.num_identities < 1 or self.clips_per_identity < 1:
@@ -63,6 +66,10 @@ class SynthTalkConfig:
             raise ValueError("tts='espeak' but espeak-ng is not on PATH")
         if self.supersample < 0:
             raise ValueError(f"supersample must be >= 0, got {self.supersample}")
+        if self.framing not in render.FRAMINGS:
+            raise ValueError(
+                f"framing must be one of {tuple(render.FRAMINGS)}, got {self.framing!r}"
+            )
 
     @property
     def num_frames(self) -> int:
@@ -102,11 +109,15 @@ def make_clip(cfg: SynthTalkConfig, identity: int, clip_index: int) -> schema.Cl
     # Labels are computed from the audio as stored (int16), which is what users will read.
     stored = schema.audio_to_pcm16(audio).astype(np.float32) / 32767.0
     labels, motion_attrs = generate_labels(motion_seq, ident, stored, cfg.num_frames)
-    renderer = render.HeadRenderer(ident, cfg.size, cfg.render_supersample)
+    renderer = render.HeadRenderer(ident, cfg.size, cfg.render_supersample, cfg.framing)
     frames = []
+    boxes = {name: [] for name in schema.BOX_LABELS}
     for t in range(cfg.num_frames):
         frame = {k: v[t] for k, v in labels.items()}
         frames.append(schema.encode_frame(renderer.render(frame), cfg.frame_format))
+        for name, box in renderer.boxes(frame).items():
+            boxes[name].append(box)
+    labels.update({name: np.stack(b).astype(np.float32) for name, b in boxes.items()})
     return schema.Clip(
         clip_id=f"synthtalk-s{cfg.seed}-id{identity:05d}-c{clip_index:03d}",
         identity_id=identity,
@@ -206,15 +217,19 @@ def generate_dataset(
         width=cfg.size,
         num_identities=cfg.num_identities,
         clips={s: c for s, c in counts.items() if c},
-        labels=list(schema.LABELS),
+        labels=list(schema.LABELS) + list(schema.BOX_LABELS),
         extra={
             "generator": "data_pipeline.synthtalk",
             "args": dataclasses.asdict(cfg),
             "tts": cfg.tts_engine,
             "supersample": cfg.render_supersample,
             "camera": {
-                "focal_px": render.focal_length(cfg.size),
+                "framing": cfg.framing,
+                "focal_px": render.focal_length(cfg.size, cfg.framing),
+                "principal_point_px": list(render.principal_point(cfg.size, cfg.framing)),
                 "nominal_distance": render.NOMINAL_DISTANCE,
+                "half_extent": render.FRAMINGS[cfg.framing].half_extent,
+                "center_y": render.FRAMINGS[cfg.framing].center_y,
                 "rotation": "R = Ry(yaw) Rx(pitch) Rz(roll), head-local -> camera",
             },
             "mouth_lag_frames": MOUTH_LAG_FRAMES,

@@ -12,6 +12,11 @@ teeth, lips and beard on the lower face; nostrils; ear concha). Because everythi
 geometry seen through a perspective camera, yaw/pitch foreshorten the face, the nose and ears
 move with parallax and the far side of the head is occluded, like a real head turn.
 
+The camera's framing (`FRAMINGS`): "face" (default) frames the face like an aligned
+talking-head crop (data_pipeline.schema.FACE_CROP_HEIGHT), "portrait" shows head and
+shoulders (the original framing). `HeadRenderer.boxes` projects where the mouth and the eyes
+are in the image (the per-frame labels schema.BOX_LABELS).
+
 Coordinates (camera frame, as in data_pipeline/schema.py): +x image right, +y image up,
 +z away from the camera; units are head radii. Head-local frame: same axes when the pose is
 zero, the face looks towards -z (at the camera). Head pose R = Ry(yaw) Rx(pitch) Rz(roll)
@@ -30,7 +35,7 @@ from data_pipeline.schema import EMOTIONS
 from data_pipeline.synthtalk.identity import Identity
 
 NOMINAL_DISTANCE = 7.0  # head-to-camera distance (head radii) at label distance 1
-HALF_EXTENT = 1.7  # half the image side (head radii) at the nominal distance
+HALF_EXTENT = 1.7  # half the image side (head radii) at the nominal distance: "portrait"
 IRIS_ANGLE = 0.50  # radians from the gaze axis to the iris edge (iris ~ half the eyeball)
 PUPIL_ANGLE = 0.19
 
@@ -115,9 +120,68 @@ def gaze_angles(v: np.ndarray) -> np.ndarray:
     return np.stack([theta, phi], -1)
 
 
-def focal_length(size: int) -> float:
+@dataclasses.dataclass(frozen=True)
+class Framing:
+    """How the pinhole camera frames the head in the square image.
+
+    half_extent: half the image side, in head radii, in the plane z = NOMINAL_DISTANCE.
+    center_y: the camera-frame height (head radii, +y up) in that plane that the image
+      centre looks at. Non-zero means an off-centre principal point, as when a square is
+      cropped out of a wider view; horizontally the image is always centred on x = 0.
+    """
+
+    half_extent: float
+    center_y: float = 0.0
+
+
+# "portrait": head, hair and shoulders (the original framing; old corpora used it).
+# "face": the aligned face crop of data_pipeline.schema (FACE_CROP_HEIGHT / _CENTER): at
+#   `neutral_frame` the face from the top of the brows to the bottom of the chin spans
+#   ~68% of the image height and its midpoint sits at the image centre. Measured with
+#   `HeadRenderer.part_boxes` (brow_l/brow_r top, chin bottom) over identities 0-39 of
+#   seed 0: brow-to-chin 0.682 of the height (0.639-0.734 by identity), midpoint at
+#   0.501 (0.480-0.524) of the height, 0.500 of the width. A little under the schema's
+#   "~70%" so that each of motion.py's largest excursions (|yaw| 25, |pitch| 15, |roll|
+#   10 deg, |tx| 0.25, ty -0.01..0.28, with the mouth wide open) keeps brow-to-chin in
+#   the frame at the nominal distance, and the eyes, nose and mouth stay in it with the
+#   head at the nearest distance (0.8) too (tests/test_synthtalk.py).
+FRAMINGS: dict[str, Framing] = {
+    "portrait": Framing(HALF_EXTENT, 0.0),
+    "face": Framing(1.12, -0.25),
+}
+DEFAULT_FRAMING = "face"
+
+
+def get_framing(framing: "str | Framing" = DEFAULT_FRAMING) -> Framing:
+    """A `Framing` from its name in FRAMINGS (or a Framing, returned as is)."""
+    if isinstance(framing, Framing):
+        return framing
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {tuple(FRAMINGS)}, got {framing!r}")
+    return FRAMINGS[framing]
+
+
+def focal_length(size: int, framing: "str | Framing" = DEFAULT_FRAMING) -> float:
     """Focal length in pixels for a `size`-pixel square image."""
-    return size * NOMINAL_DISTANCE / (2.0 * HALF_EXTENT)
+    return size * NOMINAL_DISTANCE / (2.0 * get_framing(framing).half_extent)
+
+
+def principal_point(size: int, framing: "str | Framing" = DEFAULT_FRAMING) -> tuple[float, float]:
+    """Where the optical axis meets the image: (x right, y down) in pixels, pixel i
+    spanning [i, i + 1). (size / 2, size / 2) unless the framing has a `center_y`."""
+    fr = get_framing(framing)
+    return size / 2.0, size / 2.0 + fr.center_y / NOMINAL_DISTANCE * focal_length(size, fr)
+
+
+def project(
+    points: np.ndarray, size: int, framing: "str | Framing" = DEFAULT_FRAMING
+) -> np.ndarray:
+    """Camera-frame points [..., 3] (+y up, +z away) -> image (x right, y down) [..., 2]
+    in pixels of a `size`-pixel image (pixel i spans [i, i + 1)), as the renderer sees them."""
+    p = np.asarray(points, np.float64)
+    f = focal_length(size, framing)
+    cx, cy = principal_point(size, framing)
+    return np.stack([cx + f * p[..., 0] / p[..., 2], cy - f * p[..., 1] / p[..., 2]], -1)
 
 
 def neutral_frame(**overrides) -> dict[str, np.ndarray]:
@@ -536,6 +600,60 @@ def _normalize(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.sqrt(np.einsum("...i,...i->...", v, v)), 1e-8)[..., None]
 
 
+def _lip_shape(ident: Identity, ctx: Mapping, x: np.ndarray):
+    """The mouth decal's shape at head-local x [P] (see HeadRenderer._mouth).
+
+    Returns (w, wl, xn, yc, h_up, h_lo, t_up, t_lo): the opening's half width w and the
+    lips' wl, x / w, and per x the mouth line's height yc, the opening above / below it
+    (h_up, h_lo) and the upper / lower lip thickness beyond that (t_up, t_lo). The lips
+    span yc - h_lo - t_lo < y < yc + h_up + t_up for |x| < wl.
+    """
+    ex = ctx["ex"]
+    mo, mw, mr = ctx["mouth_open"], ctx["mouth_width"], ctx["mouth_round"]
+    w = 0.2 * ident.mouth_width * (0.82 + 0.32 * mw - 0.3 * mr + 0.15 * ex["stretch"])
+    ym = mouth_y(ident)
+    xn = x / w
+    s = np.sqrt(np.clip(1.0 - xn * xn, 0.0, 1.0))
+    # Mouth line: corners lift with the expression, contempt lifts the right one.
+    yc = ym + (0.06 * ex["corner"]) * xn**2 + 0.06 * ex["asym"] * np.maximum(xn, 0) ** 2
+    s_round = s ** (0.6 + 0.8 * (1 - mr))  # rounder lips -> rounder opening
+    h_up = (0.008 + 0.05 * mo + 0.035 * ex["lip_raise"]) * s_round
+    h_lo = (0.008 + 0.15 * mo) * s_round
+    lf = ident.lip_fullness
+    wl = w * 1.08
+    sl = np.sqrt(np.clip(1.0 - (x / wl) ** 2, 0.0, 1.0))
+    bow = 1.0 - 0.3 * np.exp(-((x / 0.03) ** 2))  # cupid's bow dip
+    t_up = 0.034 * lf * sl * bow + 0.006
+    t_lo = 0.046 * lf * sl + 0.006
+    return w, wl, xn, yc, h_up, h_lo, t_up, t_lo
+
+
+def _front_z_many(parts: Sequence[Part], x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """`_front_z` at many points: x, y [P] -> z [P] (inf where no part is there)."""
+    best = np.full(np.shape(x), np.inf)
+    for p in parts:
+        c, r = np.asarray(p.center), np.asarray(p.radii)
+        q = 1.0 - ((x - c[0]) / r[0]) ** 2 - ((y - c[1]) / r[1]) ** 2
+        z = c[2] - r[2] * np.sqrt(np.maximum(q, 0.0))
+        best = np.where(q > 0, np.minimum(best, z), best)
+    return best
+
+
+def _unit_disk(k: int) -> np.ndarray:
+    """Front-hemisphere unit vectors [k * k, 3] (z < 0, towards the camera) over a k x k
+    grid of (x, y) in the unit disk, its rim included."""
+    g = np.linspace(-1.0, 1.0, k)
+    x, y = np.meshgrid(g, g)
+    r = np.hypot(x, y)
+    scale = np.where(r > 1.0, 1.0 / np.maximum(r, 1e-12), 1.0)  # outside: onto the rim
+    x, y = (x * scale).ravel(), (y * scale).ravel()
+    return np.stack([x, y, -np.sqrt(np.clip(1.0 - x * x - y * y, 0.0, 1.0))], 1)
+
+
+_EYE_SAMPLES = _unit_disk(24)  # points per eyeball for the eyes box
+_LIP_SAMPLES = 41  # x positions along the lips for the mouth box
+
+
 class HeadRenderer:
     """Renders one identity at one size; `render(frame)` -> uint8 [size, size, 3].
 
@@ -545,7 +663,13 @@ class HeadRenderer:
     renders k*size pixels per side and box-filters down (anti-aliasing).
     """
 
-    def __init__(self, ident: Identity, size: int, supersample: int = 1):
+    def __init__(
+        self,
+        ident: Identity,
+        size: int,
+        supersample: int = 1,
+        framing: "str | Framing" = DEFAULT_FRAMING,
+    ):
         if size < 16:
             raise ValueError(f"size must be >= 16 pixels, got {size}")
         if supersample < 1:
@@ -555,11 +679,14 @@ class HeadRenderer:
         self.ss = supersample
         n = size * supersample
         self.n = n
-        self.f = focal_length(size) * supersample  # in supersampled pixels
+        self.framing = get_framing(framing)
+        self.f = focal_length(size, self.framing) * supersample  # in supersampled pixels
+        # Y = y / z that the image centre looks at (0 = on the optical axis).
+        self.yc = self.framing.center_y / NOMINAL_DISTANCE
         coords = (np.arange(n, dtype=np.float32) + 0.5 - n / 2) / self.f
         dirs = np.empty((n, n, 3), np.float32)
         dirs[..., 0] = coords[None, :]
-        dirs[..., 1] = -coords[:, None]
+        dirs[..., 1] = self.yc - coords[:, None]
         dirs[..., 2] = 1.0
         self.dirs = dirs  # ray directions with z = 1, so the ray parameter t is the depth
         self.xs, self.ys = dirs[0, :, 0].copy(), dirs[:, 0, 1].copy()  # [n] each
@@ -576,7 +703,7 @@ class HeadRenderer:
         self.static = _PartArrays.build(static_parts(ident))
         # Strands are ~0.12 head radii apart; fade them out (like a mip-map) where that is
         # under ~3 output pixels, or they alias into moire.
-        strand_px = 0.118 * size / (2 * HALF_EXTENT)
+        strand_px = 0.118 * size / (2 * self.framing.half_extent)
         self.strand_amp = 0.15 * float(np.clip((strand_px - 2.5) / 4.0, 0.0, 1.0))
 
     # --- per frame -------------------------------------------------------------------
@@ -605,6 +732,72 @@ class HeadRenderer:
         part names) with n = size * supersample. Ground-truth face-part segmentation."""
         pa, _, _, _, idbuf, _, _, _ = self._raycast(frame)
         return idbuf, [p.name for p in pa.parts]
+
+    def boxes(self, frame: Mapping[str, np.ndarray], clip: bool = True) -> dict[str, np.ndarray]:
+        """Where the mouth and the eyes are in this frame's image, from the 3D geometry.
+
+        {"mouth_box", "eyes_box"} (data_pipeline.schema.BOX_LABELS): float32 [4] =
+        (x0, y0, x1, y1) in [0, 1] image coordinates (x right, y down; 0 and 1 are the
+        image edges), clipped to the image unless `clip` is False. mouth_box bounds the
+        lips and the opening between them (the mouth decal on the lower face); eyes_box
+        bounds both eyes' visible eyeballs (their parts in front of the skin, lids
+        included). Occlusion (by the nose of a turned head, glasses, hair) is ignored.
+        """
+        pose = np.asarray(frame["pose"], np.float64)
+        rot = rotation_matrix(*pose[:3])
+        trans = pose[3:6]
+        ident = self.ident
+        ctx = {
+            "ex": expression(frame["emotion_probs"]),
+            "mouth_open": float(frame["mouth_open"]),
+            "mouth_width": float(frame["mouth_width"]),
+            "mouth_round": float(frame["mouth_round"]),
+        }
+        # Lips: the mouth decal between its upper and lower edges, on the lower face.
+        wl = _lip_shape(ident, ctx, np.zeros(1))[1]
+        x = np.linspace(-wl, wl, _LIP_SAMPLES)
+        _, _, _, yc, h_up, h_lo, t_up, t_lo = _lip_shape(ident, ctx, x)
+        xs = np.concatenate([x, x])
+        ys = np.concatenate([yc + h_up + t_up, yc - h_lo - t_lo])
+        skin = list(_base(ident))  # skull, face
+        lower_face = skin[1:] + [p for p in dynamic_parts(ident, frame) if p.name in _MOUTH_PARTS]
+        lips = np.stack([xs, ys, _front_z_many(lower_face, xs, ys)], 1)
+        # Eyes: eyeball points in front of the skin.
+        eyes = []
+        for p in self.static.parts:
+            if p.name in ("eye_l", "eye_r"):
+                pts = np.asarray(p.center) + _EYE_SAMPLES * np.asarray(p.radii)
+                front = pts[:, 2] <= _front_z_many(skin, pts[:, 0], pts[:, 1])
+                eyes.append(pts[front] if front.any() else pts)
+        out = {}
+        for name, pts in (("mouth_box", lips), ("eyes_box", np.concatenate(eyes))):
+            pts = pts[np.isfinite(pts).all(1)]
+            uv = project(pts @ rot.T + trans, self.size, self.framing) / self.size
+            box = np.concatenate([uv.min(0), uv.max(0)])
+            out[name] = (np.clip(box, 0.0, 1.0) if clip else box).astype(np.float32)
+        return out
+
+    def part_boxes(
+        self, frame: Mapping[str, np.ndarray], names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Image-space extent of whole parts (their full ellipsoids, ignoring clipping and
+        occlusion): name -> float64 [4] = (x0, y0, x1, y1) in [0, 1] image coordinates
+        (x right, y down), not clipped; all parts (incl. neck, torso) unless `names`."""
+        pose = np.asarray(frame["pose"], np.float64)
+        rot = rotation_matrix(*pose[:3])
+        pa = self.static + _PartArrays.build(dynamic_parts(self.ident, frame))
+        body = pa.body[:, None, None]
+        m = np.where(body, pa.to_unit, pa.to_unit @ rot.T)
+        c_cam = pose[3:6] + np.where(body[:, 0], pa.centers, pa.centers @ rot.T)
+        x_lo, x_hi, y_lo, y_hi = _projected_bounds(m, -np.einsum("kij,kj->ki", m, c_cam))
+        f = focal_length(self.size, self.framing)
+        cx, cy = principal_point(self.size, self.framing)
+        box = np.stack([cx + f * x_lo, cy - f * y_hi, cx + f * x_hi, cy - f * y_lo], 1)
+        return {
+            p.name: box[k] / self.size
+            for k, p in enumerate(pa.parts)
+            if names is None or p.name in names
+        }
 
     def _raycast(self, frame: Mapping[str, np.ndarray]):
         """Pass 1: the nearest part per pixel (z-buffer over parts)."""
@@ -641,8 +834,8 @@ class HeadRenderer:
         n = self.n
         x0 = np.maximum(np.floor(x_lo * self.f + n / 2).astype(int) - 1, 0)
         x1 = np.minimum(np.ceil(x_hi * self.f + n / 2).astype(int) + 1, n)
-        y0 = np.maximum(np.floor(n / 2 - y_hi * self.f).astype(int) - 1, 0)
-        y1 = np.minimum(np.ceil(n / 2 - y_lo * self.f).astype(int) + 1, n)
+        y0 = np.maximum(np.floor(n / 2 - (y_hi - self.yc) * self.f).astype(int) - 1, 0)
+        y1 = np.minimum(np.ceil(n / 2 - (y_lo - self.yc) * self.f).astype(int) + 1, n)
         bboxes = [
             box if box[0] < box[1] and box[2] < box[3] else None
             for box in zip(y0.tolist(), y1.tolist(), x0.tolist(), x1.tolist())
@@ -879,24 +1072,9 @@ class HeadRenderer:
     def _mouth(self, albedo, x, y, z, ctx):
         """Lips and the mouth opening (cavity, teeth, tongue), in head-local x/y."""
         ident = self.ident
-        ex = ctx["ex"]
-        mo, mw, mr = ctx["mouth_open"], ctx["mouth_width"], ctx["mouth_round"]
-        w = 0.2 * ident.mouth_width * (0.82 + 0.32 * mw - 0.3 * mr + 0.15 * ex["stretch"])
-        ym = mouth_y(ident)
-        xn = x / w
+        mo = ctx["mouth_open"]
+        _, wl, xn, yc, h_up, h_lo, t_up, t_lo = _lip_shape(ident, ctx, x)
         inside_w = np.abs(xn) < 1.0
-        s = np.sqrt(np.clip(1.0 - xn * xn, 0.0, 1.0))
-        # Mouth line: corners lift with the expression, contempt lifts the right one.
-        yc = ym + (0.06 * ex["corner"]) * xn**2 + 0.06 * ex["asym"] * np.maximum(xn, 0) ** 2
-        s_round = s ** (0.6 + 0.8 * (1 - mr))  # rounder lips -> rounder opening
-        h_up = (0.008 + 0.05 * mo + 0.035 * ex["lip_raise"]) * s_round
-        h_lo = (0.008 + 0.15 * mo) * s_round
-        lf = ident.lip_fullness
-        wl = w * 1.08
-        sl = np.sqrt(np.clip(1.0 - (x / wl) ** 2, 0.0, 1.0))
-        bow = 1.0 - 0.3 * np.exp(-((x / 0.03) ** 2))  # cupid's bow dip
-        t_up = 0.034 * lf * sl * bow + 0.006
-        t_lo = 0.046 * lf * sl + 0.006
         front = z < -0.4
         dy = y - yc
         upper_lip = front & (np.abs(x) < wl) & (dy > h_up) & (dy < h_up + t_up)
