@@ -77,8 +77,25 @@ def run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cli_result(run, tmp_path_factory):
-    """(stdout lines, JSON dict, out dir) of one CLI evaluation of the fixture run."""
+def meter(run, tmp_path_factory):
+    """An expression meter trained on the fixture run's data (the recipe of
+    tests/test_expression_meter.py: held-out mouth r ~0.8-0.95 at 32 px)."""
+    from vasa_jax.models import expression_meter
+
+    path = str(tmp_path_factory.mktemp("meter") / "meter")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert expression_meter.main([
+            "train", "--data", run[1], "--out", path, "--steps", "60", "--size", "32",
+            "--channels", "16,32,32,32", "--hidden", "32", "--batch_size", "8", "--lr", "1e-2",
+            "--warmup_steps", "10", "--num_workers", "0", "--log_every", "60"]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_result(run, meter, tmp_path_factory):
+    """(stdout lines, JSON dict, out dir) of one CLI evaluation of the fixture run, with
+    --expression_meter (one evaluation serves both: the paths without a meter are the
+    BatchRunner tests' and test_summary_without_expression_meter's)."""
     workdir, data = run
     out = str(tmp_path_factory.mktemp("eval_out"))
     buf = io.StringIO()
@@ -86,7 +103,7 @@ def cli_result(run, tmp_path_factory):
         code = evaluate_main(["face_latent", "--workdir", workdir, "--data", data, "--out", out,
                               "--frames_per_clip", str(FRAMES_PER_CLIP), "--figure_columns",
                               "3", "--batch_size", "8", "--no_progress",
-                              "--fast_cpu_compile"])
+                              "--fast_cpu_compile", "--expression_meter", meter])
     assert code == 0
     lines = buf.getvalue().strip().splitlines()
     (json_path,) = [os.path.join(out, f) for f in os.listdir(out) if f.endswith(".json")]
@@ -162,6 +179,35 @@ def test_cli_prints_summary_and_writes_json_and_figure(cli_result):
     assert grid.shape[1] > 3 * (SIZE + 2) + 2 and grid.shape[2] == 3
 
 
+def test_cli_expression_transfer(cli_result, meter):
+    lines, result, _ = cli_result
+    ex = result["expr_transfer"]
+    assert ex["meter"] == os.path.abspath(meter)
+    assert ex["num_pairs"] == result["cross_reenactment"]["num_pairs"] == 3 * FRAMES_PER_CLIP
+    keys = {f"{label}_r{variant}" for label in ("mouth", "blink", "gaze")
+            for variant in ("", "_dyn_only", "_real")}
+    assert keys <= set(ex) and "skipped" not in ex
+    for k in keys:  # None only where the labels are constant over the 12 driver frames
+        assert ex[k] is None or -1.0 <= ex[k] <= 1.0, (k, ex[k])
+    for k in ("mouth_r", "mouth_r_dyn_only", "mouth_r_real"):
+        assert ex[k] is not None and np.isfinite(ex[k]), (k, ex)
+    # The meter on the real driver frames reads their mouths (rows and labels aligned); the
+    # untrained generator's outputs carry no driver mouth, so no bound on mouth_r itself.
+    assert ex["mouth_r_real"] > 0.5, ex
+    (line,) = [ln for ln in lines if ln.startswith("expression transfer")]
+    assert "mouth r" in line and "real driver frames" in line and "dynamics only" in line
+    assert result["seconds"]["expression_transfer"] >= 0
+
+
+def test_summary_without_expression_meter(cli_result):
+    """Without --expression_meter the report has no expression-transfer line."""
+    lines, result, _ = cli_result
+    plain = face_latent.summary_lines({k: v for k, v in result.items()
+                                       if k != "expr_transfer"})
+    assert plain == [ln for ln in lines if not ln.startswith("expression transfer")]
+    assert face_latent.Settings().expression_meter is None
+
+
 def _pairs(runner, data):
     """Test-split frames (3 clips x [source + 2 driving]) and 5 (source, driving) pairs."""
     clips, skipped = face_latent.read_clips(data, "test", SIZE, max_clips=None,
@@ -188,6 +234,7 @@ def test_reenactment_metrics_are_those_of_its_images(run, restored, cli_result):
     res = runner.reenact(face_latent.Rows(frames, src), z_pose[drv], z_dyn[drv],
                          face_latent.Rows(frames, drv), return_images=True, progress=False)
     assert res["images"].shape == (5, SIZE, SIZE, 3) and res["embedding"].shape[0] == 5
+    assert "expression" not in res  # no meter
     assert np.abs(res["images"]).max() <= 1.0
     np.testing.assert_allclose(np.linalg.norm(res["embedding"], axis=-1), 1.0, atol=1e-5)
     target = runner.images(frames[drv])
@@ -316,6 +363,9 @@ def test_clear_errors(run, tmp_path, capsys):
     assert "face-ID model" in capsys.readouterr().err
     assert evaluate_main(args + ["--workdir", workdir, "--step", "7"]) == 1
     assert "no checkpoint for step 7" in capsys.readouterr().err
+    assert evaluate_main(args + ["--workdir", workdir, "--expression_meter",
+                                 str(tmp_path / "no_meter")]) == 1
+    assert "no_meter" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_clips"):
         face_latent.Settings(max_clips=1)
 

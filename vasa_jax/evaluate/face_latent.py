@@ -1,7 +1,7 @@
 """Stage-1 evaluator: how well the face latent model reconstructs, transfers and disentangles.
 
     python -m vasa_jax.evaluate face_latent --workdir W --data D [--split test]
-        [--max_clips N] [--out DIR] [--step S] [--face_id PATH]
+        [--max_clips N] [--out DIR] [--step S] [--face_id PATH] [--expression_meter PATH]
 
 Restores the latest (or --step) checkpoint of a stage-1 run in W (the EMA generator; the
 live one if the checkpoint has no EMA) and measures, on the clips of split --split
@@ -23,6 +23,15 @@ live one if the checkpoint has no EMA) and measures, on the clips of split --spl
   run's config (loss.face_id_path, or --face_id). Without one the FALLBACK is the cosine
   similarity of the model's own z_id of output and source, labelled as such: it checks
   that the generator keeps its own identity code, not that a face recogniser would agree.
+- Expression transfer (only with --expression_meter PATH, a frozen
+  `vasa_jax.models.expression_meter` export): on the cross-reenactment pairs above (held-out
+  clips, driver of another identity), the meter reads mouth_open, blink and gaze off the
+  outputs and the Pearson r with the DRIVER's labels is reported per label (gaze: the mean
+  of the theta and phi r), for the full transfer (driver pose + dynamics), for a
+  dynamics-only transfer (the source's own z_pose, the driver's z_dyn: gaze there is the
+  driver's eye-in-head gaze under the source's head pose, so its camera-frame r is lower
+  by construction), and for the meter on the real driver frames (its ceiling). None where
+  the labels are constant over the pairs or missing.
 - Linear probes (`vasa_jax.metrics.probes`, closed-form ridge, held-out R^2) of the
   ground-truth labels from the latent codes of single frames:
     pose (yaw, pitch, roll) <- z_pose        should be HIGH
@@ -265,6 +274,16 @@ def identity_function(face_id_path: str) -> tuple[Callable, Any, str, str]:
             f"face-ID cosine ({face_id_path})")
 
 
+def load_meter(path: str):
+    """The frozen expression meter of --expression_meter (None for ''/None); a missing or
+    wrong path is a FileNotFoundError naming it."""
+    if not path:
+        return None
+    from vasa_jax.models.expression_meter import load_expression_meter
+
+    return load_expression_meter(path)
+
+
 class Rows:
     """Rows `index` of `base`, gathered lazily: `Rows(frames, [0, 0, 5])[a:b]`.
 
@@ -308,6 +327,15 @@ def _transfer(graphdef, identity, state, id_params, source, z_pose, z_dyn):
     return out, identity(gen, id_params, out)
 
 
+def _read_expression(meter, meter_params, images):
+    """The expression meter's readings of uint8 frames or of images in [-1, 1]. (Separate
+    from _transfer, whose compiled generator is then shared by runners with and without a
+    meter.)"""
+    if images.dtype == jnp.uint8:
+        images = _to_float(images)
+    return meter(meter_params, images)
+
+
 def _embed(graphdef, identity, state, id_params, frames):
     return identity(nnx.merge(graphdef, state), id_params, _to_float(frames))
 
@@ -336,6 +364,7 @@ def _jitted(compiler_options: tuple[tuple[str, Any], ...] = ()) -> dict[str, Cal
         "encode_motion": jit(_encode_motion, static_argnums=0),
         "transfer": jit(_transfer, static_argnums=(0, 1)),
         "embed": jit(_embed, static_argnums=(0, 1)),
+        "read_expression": jit(_read_expression, static_argnums=0),
         "quality": jit(_quality),
     }
 
@@ -350,15 +379,21 @@ class BatchRunner:
     """
 
     def __init__(self, model, mesh: jax.sharding.Mesh, rules, batch_size: int,
-                 face_id_path: str = "", compiler_options: dict[str, Any] | None = None):
+                 face_id_path: str = "", compiler_options: dict[str, Any] | None = None,
+                 expression_meter=None):
         self.batch_size = sharding.round_batch_size(mesh, batch_size)
         self.mesh, self.rules = mesh, rules
         self.data_sharding = sharding.data_sharding(mesh)
         self.image_size = int(model.image_size)
         self.graphdef, self.state = nnx.split(model)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.identity, params, self.id_method, self.id_label = identity_function(face_id_path)
-        self.id_params = jax.device_put(params, jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec()))
+        self.id_params = jax.device_put(params, replicated)
+        # expression_meter: a frozen vasa_jax.models.expression_meter.ExpressionMeter (or
+        # None): reenact() then also returns its readings of the outputs.
+        self.meter = None if expression_meter is None else expression_meter.apply
+        self.meter_params = ({} if expression_meter is None else
+                             jax.device_put(expression_meter.params, replicated))
         self._fns = _jitted(tuple(sorted((compiler_options or {}).items())))
 
     @staticmethod
@@ -399,23 +434,38 @@ class BatchRunner:
                                      x), [frames],
                         "identity embeddings", progress)
 
+    def read_expression(self, frames: np.ndarray | Rows, progress: bool = False
+                        ) -> dict[str, np.ndarray]:
+        """uint8 frames [N, S, S, 3] -> the expression meter's readings {"mouth_open" [N],
+        "blink" [N], "gaze" [N, 2] degrees}."""
+        if self.meter is None:
+            raise ValueError("this BatchRunner has no expression meter")
+        fn = self._fns["read_expression"]
+        return self.map(lambda x: fn(self.meter, self.meter_params, x), [frames],
+                        "expression readings", progress)
+
     def reenact(self, sources: np.ndarray | Rows, z_pose: np.ndarray, z_dyn: np.ndarray,
                 targets: np.ndarray | Rows | None = None, *, return_images: bool = False,
                 desc: str = "", progress: bool = True) -> dict[str, np.ndarray]:
         """Decodes sources' appearance with the given motion.
 
         sources, targets: uint8 frames [N, S, S, 3]; z_pose [N, 7]; z_dyn [N, D]. Returns
-        {"embedding": [N, E]}, "images" [N, S, S, 3] in [-1, 1] (if return_images) and,
+        {"embedding": [N, E]}, "expression" (the meter's readings of the outputs, as
+        `read_expression`; only with a meter), "images" [N, S, S, 3] in [-1, 1] (if
+        return_images) and,
         against targets (if given), `_quality`'s [N] metrics ("psnr", "ssim",
         "psnr_<region>") of the outputs and, prefixed "copy_", of the source frames
         themselves (the floor: a model that moves nothing).
         """
         transfer, quality = self._fns["transfer"], self._fns["quality"]
+        read = self._fns["read_expression"]
 
         def fn(src, pose, dyn, *target):
             out, emb = transfer(self.graphdef, self.identity, self.state, self.id_params, src,
                                 pose, dyn)
             res = {"embedding": emb}
+            if self.meter is not None:
+                res["expression"] = read(self.meter, self.meter_params, out)
             if target:
                 res.update(quality(out, target[0]))
                 copy = quality(_to_float(src), target[0])
@@ -444,6 +494,7 @@ class Settings:
     figure_columns: int = 6
     batch_size: int = 16  # rounded up to a multiple of the batch-axis devices
     face_id: str | None = None  # face-ID export; None: the run's loss.face_id_path
+    expression_meter: str | None = None  # expression-meter export (None: no expr. transfer)
     step: int | None = None  # checkpoint step (None: latest)
     progress: bool = True
     # XLA:CPU at -O0 (vasa_jax.trainers.loop.FAST_CPU_COMPILE): ~3x faster compiles, slower
@@ -489,6 +540,68 @@ PROBES = (
     ("blink_from_z_dyn", "blink", "z_dyn", None, ("blink",)),
     ("gaze_from_z_dyn", "gaze", "z_dyn", None, ("theta", "phi")),
 )
+
+
+# (short name in the JSON, schema label) of what the expression meter reads.
+EXPRESSION_LABELS = (("mouth", "mouth_open"), ("blink", "blink"), ("gaze", "gaze"))
+EXPRESSION_VARIANTS = (("", "full transfer"), ("_dyn_only", "dynamics only"),
+                       ("_real", "real driver frames"))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson r of two [N] arrays; None if either is constant or not finite."""
+    from vasa_jax.metrics.motion import pearson_r
+
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return None
+    return _finite(pearson_r(a, b))
+
+
+def expression_correlations(readings: dict[str, np.ndarray], labels: dict[str, np.ndarray]
+                            ) -> dict[str, float | None]:
+    """{short name: Pearson r of reading vs label} for EXPRESSION_LABELS present in
+    `labels` (rows aligned, [N] or [N, 2]); gaze: the mean of its two angles' r (those that
+    are defined), None if neither is."""
+    out = {}
+    for short, name in EXPRESSION_LABELS:
+        if name not in labels:
+            continue
+        y = np.asarray(labels[name], np.float64).reshape(len(labels[name]), -1)
+        x = np.asarray(readings[name], np.float64).reshape(len(y), -1)
+        rs = [r for r in (_pearson(x[:, k], y[:, k]) for k in range(y.shape[1]))
+              if r is not None]
+        out[short] = float(np.mean(rs)) if rs else None
+    return out
+
+
+def expression_transfer(runner: BatchRunner, clips: Sequence[ClipFrames], frames: np.ndarray,
+                        sources: np.ndarray, z_pose: np.ndarray, z_dyn: np.ndarray,
+                        src_clip: np.ndarray, rows: np.ndarray,
+                        full_readings: dict[str, np.ndarray], progress: bool
+                        ) -> dict[str, Any]:
+    """The expression-transfer numbers (module docstring) of the cross-reenactment pairs
+    (source clip src_clip[i], driver frame rows[i]; full_readings: the meter on their full
+    transfers). Keys "<label>_r", "<label>_r_dyn_only", "<label>_r_real" per
+    EXPRESSION_LABELS, "num_pairs", and "skipped" {label: reason} for missing labels."""
+    labels, skipped = {}, {}
+    for _, name in EXPRESSION_LABELS:
+        y = _stack_labels(clips, name)
+        if y is None:
+            skipped[name] = f"label {name!r} missing from some evaluated clips"
+        else:
+            labels[name] = y[rows]
+    src = sources[src_clip]
+    dyn_only = runner.reenact(Rows(frames, src), z_pose[src], z_dyn[rows],
+                              desc="dynamics-only transfer", progress=progress)["expression"]
+    real = runner.read_expression(Rows(frames, rows), progress=progress)
+    out: dict[str, Any] = {"num_pairs": int(len(rows))}
+    for suffix, readings in zip((v[0] for v in EXPRESSION_VARIANTS),
+                                (full_readings, dyn_only, real)):
+        for short, r in expression_correlations(readings, labels).items():
+            out[f"{short}_r{suffix}"] = r
+    if skipped:
+        out["skipped"] = skipped
+    return out
 
 
 def _stack_labels(clips: Sequence[ClipFrames], name: str) -> np.ndarray | None:
@@ -589,12 +702,14 @@ def evaluate(workdir: str, data: str, settings: Settings = Settings(),
     if not os.path.isdir(data):
         raise FileNotFoundError(f"dataset folder {data!r} does not exist")
     schema.DatasetInfo.load(data)  # a clear error if `data` is not a clip-record dataset
+    meter = load_meter(settings.expression_meter)  # before the (slow) restore: fail fast
     restored = restore(workdir, settings.step)
     config = restored.config
     face_id_path = (settings.face_id if settings.face_id is not None
                     else str(config.loss.get("face_id_path", "") or ""))
     runner = BatchRunner(restored.model, restored.mesh, config.mesh.rules, settings.batch_size,
-                         face_id_path, FAST_CPU_COMPILE if settings.fast_cpu_compile else None)
+                         face_id_path, FAST_CPU_COMPILE if settings.fast_cpu_compile else None,
+                         expression_meter=meter)
     size = runner.image_size
     timings["restore"] = time.perf_counter() - start
 
@@ -680,6 +795,20 @@ def evaluate(workdir: str, data: str, settings: Settings = Settings(),
         })
     timings["cross_reenactment"] = time.perf_counter() - t0
 
+    # --- expression transfer: the meter on the cross-reenactment pairs
+    expr = None
+    if meter is not None:
+        t0 = time.perf_counter()
+        expr = {"meter": os.path.abspath(settings.expression_meter),
+                "label": "Pearson r of the meter's readings vs the driver's labels"}
+        if not pairs:
+            expr["skipped"] = cross["skipped"]
+        else:
+            expr.update(expression_transfer(runner, clips, frames, sources, z_pose, z_dyn,
+                                            src_clip, rows, res["expression"],
+                                            settings.progress))
+        timings["expression_transfer"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     probe_results = run_probes(clips, {"z_pose": z_pose, "z_dyn": z_dyn}, train_clips,
                                train_latents, settings.kfold)
@@ -710,6 +839,7 @@ def evaluate(workdir: str, data: str, settings: Settings = Settings(),
         "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"},
         "self_reenactment": self_reenactment,
         "cross_reenactment": cross,
+        **({} if expr is None else {"expr_transfer": expr}),
         "probes": probe_results,
         "figure": stem + ".png",
         "json": stem + ".json",
@@ -775,6 +905,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face_id", default=None,
                         help="face-ID export for identity similarity (default: the run's "
                              "loss.face_id_path; '' forces the z_id fallback)")
+    parser.add_argument("--expression_meter", default=None,
+                        help="expression-meter export (python -m "
+                             "vasa_jax.models.expression_meter train): adds expression "
+                             "transfer (Pearson r of mouth, blink, gaze readings vs the "
+                             "driver's labels)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     parser.add_argument("--fast_cpu_compile", action="store_true",
                         help="XLA:CPU at -O0: ~3x faster compiles, slower batches (CPU smoke "
@@ -804,6 +939,20 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"cross-reenactment identity similarity: {cr['identity_similarity']:.4f} "
             f"(self-reenactment {cr['self_identity_similarity']:.4f}, other-identity driver "
             f"{cr['driver_identity_similarity']:.4f}; {cr['num_pairs']} pairs) [{cr['label']}]")
+    if "expr_transfer" in result:
+        ex = result["expr_transfer"]
+        if "num_pairs" not in ex:
+            lines.append(f"expression transfer: skipped ({ex['skipped']})")
+        else:
+            per = "; ".join(
+                f"{short} r {fmt(ex.get(f'{short}_r'))} (" + ", ".join(
+                    f"{what} {fmt(ex.get(f'{short}_r{suffix}'))}"
+                    for suffix, what in EXPRESSION_VARIANTS[1:]) + ")"
+                for short, _ in EXPRESSION_LABELS if f"{short}_r" in ex)
+            lines.append(f"expression transfer ({ex['num_pairs']} other-identity pairs, meter "
+                         f"{ex['meter']}): {per or 'no labels'}")
+            if ex.get("skipped"):
+                lines.append(f"expression transfer skipped labels: {ex['skipped']}")
     lines.append(f"probes: {pr['protocol']}")
     notes = {"pose_from_z_dyn": " (disentanglement: should be LOW)"}
     for name, *_ in PROBES:
@@ -832,7 +981,8 @@ def run(args: argparse.Namespace) -> int:
         split=args.split, max_clips=args.max_clips, frames_per_clip=args.frames_per_clip,
         probe_clips=args.probe_clips, probe_frames_per_clip=args.probe_frames_per_clip,
         kfold=args.kfold, figure_columns=args.figure_columns, batch_size=args.batch_size,
-        face_id=args.face_id, step=args.step, progress=not args.no_progress,
+        face_id=args.face_id, expression_meter=args.expression_meter, step=args.step,
+        progress=not args.no_progress,
         fast_cpu_compile=args.fast_cpu_compile,
     )
     result = evaluate(args.workdir, args.data, settings, args.out)
