@@ -25,7 +25,10 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype: "float32" | "bfloat16" (norms, warps stay float32)
     m.param_dtype = "float32"
     m.remat = False  # recompute 3-D resblock activations in the backward pass (saves memory)
-    m.groups = pick(4, 32, 32)  # GroupNorm groups (capped at the channel count)
+    # GroupNorm groups (capped at the channel count; 0 = no normalisation). tiny: 0. At
+    # 64 px with 16-64 channels GroupNorm cost the stage-1 path 1-1.5 dB of held-out
+    # self-reconstruction at equal steps (benchmarks/stage1_bisect.py, docs/experiments.md).
+    m.groups = pick(0, 32, 32)
     # Appearance volume, C x D x H x W (MegaPortraits: 96 x 16 x 64 x 64).
     m.volume = ml_collections.ConfigDict(
         dict(channels=pick(16, 64, 96), depth=pick(8, 16, 16), size=pick(16, 64, 64))
@@ -77,9 +80,11 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
         dict(channels=pick((16, 32), (64, 128, 256), (96, 192, 384)), blocks=pick(1, 2, 3))
     )
     # G2D: resblocks at `channels`, then one upsampling resblock per up_channels entry.
+    # dyn_modulation: G2D's norms are adaptive on z_dyn (a route from the expression code
+    # to the pixels besides the warps' flows, as LIA's motion-modulated decoder).
     m.decoder = ml_collections.ConfigDict(
-        dict(channels=pick(64, 256, 512), blocks=pick(1, 6, 8),
-             up_channels=pick((32, 16), (128, 64), (256, 128, 64)))
+        dict(channels=pick(128, 256, 512), blocks=pick(1, 6, 8),
+             up_channels=pick((64, 32), (128, 64), (256, 128, 64)), dyn_modulation=False)
     )
     # Multi-scale patch discriminator (spectral-normalised convs).
     m.discriminator = ml_collections.ConfigDict(
@@ -116,7 +121,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     check = common.check
     common.check_choice(m.dtype, ("float32", "bfloat16"), "model.dtype")
     common.check_choice(m.param_dtype, ("float32", "bfloat16"), "model.param_dtype")
-    check(m.groups > 0, f"model.groups must be > 0, got {m.groups}")
+    check(m.groups >= 0, f"model.groups must be >= 0 (0: no GroupNorm), got {m.groups}")
     check(m.motion.dyn_groups is None or m.motion.dyn_groups >= 0,
           f"model.motion.dyn_groups must be None or >= 0 (0: no GroupNorm), got "
           f"{m.motion.dyn_groups}")
@@ -171,7 +176,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     widths = [v.channels, m.app.stem, *m.app.channels, m.id.stem, *m.id.channels,
               m.motion.stem, *m.motion.channels, m.warp.seed_channels, *m.warp.channels,
               *m.g3d.channels, m.decoder.channels, *m.decoder.up_channels]
-    bad = [w for w in widths if w % min(m.groups, w)]
+    bad = [w for w in widths if m.groups and w % min(m.groups, w)]
     check(not bad, f"model channel counts {bad} are not divisible by model.groups={m.groups}")
     check(_is_pow2(m.image_size), f"model.image_size must be a power of two, got {m.image_size}")
 

@@ -426,14 +426,18 @@ def test_motion_encoder_dyn_groups_changes_only_the_dynamics_net():
     import configs
     from vasa_jax.models import face_latent
 
-    cfg = configs.load("configs/face_latent.py:size=tiny", model__motion__dyn_groups=0).model
+    # tiny has no GroupNorm by default (model.groups=0): switch it on to see dyn_groups act.
+    cfg = configs.load("configs/face_latent.py:size=tiny", model__groups=4,
+                       model__motion__dyn_groups=0).model
     enc = face_latent.motion_encoder(cfg, rngs=nnx.Rngs(0))
     dyn_norms = [m for _, m in nnx.iter_graph(enc.dyn_net) if isinstance(m, layers.GroupNorm)]
     pose_norms = [m for _, m in nnx.iter_graph(enc.pose_net) if isinstance(m, layers.GroupNorm)]
     assert dyn_norms and all(m.groups == 0 for m in dyn_norms)
     assert pose_norms and all(m.groups == min(cfg.groups, m.channels) for m in pose_norms)
-    default = face_latent.motion_encoder(configs.load("configs/face_latent.py:size=tiny").model,
-                                         rngs=nnx.Rngs(0))
+    default = face_latent.motion_encoder(
+        configs.load("configs/face_latent.py:size=tiny", model__groups=4).model,
+        rngs=nnx.Rngs(0))
+    assert default.dyn_net.norm.groups == 4
     assert default.dyn_net.norm.groups == enc.pose_net.norm.groups
     # Same parameter tree either way: a pre-trained pose net or checkpoint still loads.
     assert jax.tree.map(jnp.shape, nnx.state(default, nnx.Param)) == jax.tree.map(
@@ -441,6 +445,36 @@ def test_motion_encoder_dyn_groups_changes_only_the_dynamics_net():
     x = jax.random.uniform(jax.random.key(0), (2, cfg.image_size, cfg.image_size, 3), minval=-1)
     z_pose, z_dyn = enc(x)
     assert z_pose.shape == (2, 7) and z_dyn.shape == (2, cfg.motion.dyn_dim)
+
+
+def test_dyn_modulation_routes_z_dyn_through_g2d():
+    """decoder.dyn_modulation: G2D's norms are adaptive on z_dyn, so z_dyn reaches the pixels
+    even when the warp ignores it (its flow generator's cond projection zeroed here)."""
+    from vasa_jax.models import face_decoder
+
+    cfg = configs.load("configs/face_latent.py:size=tiny",
+                       model__decoder__dyn_modulation=True).model
+    model = face_latent.FaceLatentModel(cfg, rngs=nnx.Rngs(0))
+    g2d_norms = [m for _, m in nnx.iter_graph(model.decoder.generator)
+                 if isinstance(m, layers.AdaptiveGroupNorm)]
+    assert len(g2d_norms) == 2 * (cfg.decoder.blocks + len(cfg.decoder.up_channels))
+    assert all(m.proj.in_features == cfg.motion.dyn_dim for m in g2d_norms)
+    for _, m in nnx.iter_graph(model.decoder.warp):  # the warp no longer sees z_dyn
+        if isinstance(m, layers.Dense):
+            m.kernel[...] = jnp.zeros_like(m.kernel[...])
+    v = cfg.volume
+    keys = jax.random.split(jax.random.key(0), 3)
+    v_app = jax.random.normal(keys[0], (B, v.depth, v.size, v.size, v.channels))
+    z_id = jax.random.normal(keys[1], (B, cfg.id.dim))
+    z_dyn = jax.random.normal(keys[2], (B, cfg.motion.dyn_dim))
+    pose = warping.identity_pose(B)
+    a = model.decode(v_app, z_id, pose, z_dyn)
+    b = model.decode(v_app, z_id, pose, -z_dyn)
+    assert float(jnp.mean(jnp.abs(a - b))) > 1e-4
+    plain = face_decoder.ImageGenerator(channels=8, blocks=1, up_channels=(4,), groups=0,
+                                        rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="cond_dim=None"):
+        plain(jnp.zeros((1, 4, 4, 8)), jnp.zeros((1, 3)))
 
 
 def test_adaptive_group_norm_depends_on_condition():

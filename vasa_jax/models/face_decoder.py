@@ -3,7 +3,8 @@
     V_app [B, D, H, W, C]
       -> w_c->d: rigid driving pose + non-rigid flow from (z_dyn, z_id)   (warping.py)
       -> projection P: reshape [D, C] into channels, 1x1 conv             [B, H, W, F]
-      -> G2D: resblocks at F channels, then upsampling resblocks (x2 each)
+      -> G2D: resblocks at F channels, then upsampling resblocks (x2 each); with
+         dyn_modulation their norms are adaptive on z_dyn
       -> GroupNorm, ReLU, 3x3 conv (no WS: the last conv), tanh           [B, S, S, 3]
 
 The output has the encoder's input size S = H * 2^len(up_channels), in [-1, 1].
@@ -40,7 +41,13 @@ class Projection(nnx.Module):
 
 
 class ImageGenerator(nnx.Module):
-    """G2D: [B, H, W, F] -> image [B, H * 2^len(up_channels), ..., 3] in [-1, 1]."""
+    """G2D: [B, H, W, F] -> image [B, H * 2^len(up_channels), ..., 3] in [-1, 1].
+
+    With `cond_dim`, every resblock's norms are adaptive (scale and shift from a code, e.g.
+    z_dyn: LIA modulates every decoder conv by its motion code), a route from the code to
+    the pixels that does not go through the warps (which can move features but not draw
+    what the source does not show, such as an open mouth's interior).
+    """
 
     def __init__(
         self,
@@ -49,27 +56,32 @@ class ImageGenerator(nnx.Module):
         blocks: int,
         up_channels: Sequence[int],
         groups: int,
+        cond_dim: int | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        block = dict(ndim=2, groups=groups, cond_dim=cond_dim, **kw)
+        self.cond_dim = cond_dim
         self.blocks = nnx.List([
-            layers.ResBlock(channels, channels, ndim=2, groups=groups, **kw) for _ in range(blocks)
+            layers.ResBlock(channels, channels, **block) for _ in range(blocks)
         ])
         ups, c = [], channels
         for out in up_channels:
-            ups.append(layers.ResBlock(c, out, ndim=2, up=(2, 2), groups=groups, **kw))
+            ups.append(layers.ResBlock(c, out, up=(2, 2), **block))
             c = out
         self.up_blocks = nnx.List(ups)
         self.norm = layers.GroupNorm(c, groups=groups, **kw)
         self.to_rgb = layers.Conv(c, 3, (3, 3), weight_std=False, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for block in self.blocks:
-            x = block(x)
-        for block in self.up_blocks:
-            x = block(x)
+    def __call__(self, x: jax.Array, cond: jax.Array | None = None) -> jax.Array:
+        """x [B, H, W, F] (+ cond [B, cond_dim] when built with cond_dim) -> [B, S, S, 3]."""
+        if (cond is None) != (self.cond_dim is None):
+            raise ValueError(f"ImageGenerator built with cond_dim={self.cond_dim} got "
+                             f"cond {None if cond is None else cond.shape}")
+        for block in [*self.blocks, *self.up_blocks]:
+            x = block(x, cond)
         x = self.to_rgb(layers.relu(self.norm(x)))
         return jnp.tanh(x.astype(jnp.float32))
 
@@ -89,6 +101,7 @@ class FaceDecoder(nnx.Module):
         blocks: int,
         up_channels: Sequence[int],
         groups: int,
+        dyn_modulation: bool = False,
         remat: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -102,8 +115,10 @@ class FaceDecoder(nnx.Module):
             groups=groups, remat=remat, **dict(warp), **kw,
         )
         self.projection = Projection(volume_channels, volume_shape[0], channels, **kw)
+        self.dyn_modulation = dyn_modulation
         self.generator = ImageGenerator(
-            channels=channels, blocks=blocks, up_channels=up_channels, groups=groups, **kw
+            channels=channels, blocks=blocks, up_channels=up_channels, groups=groups,
+            cond_dim=dyn_dim if dyn_modulation else None, **kw
         )
 
     def __call__(
@@ -118,4 +133,5 @@ class FaceDecoder(nnx.Module):
             if z.ndim != 2 or z.shape[0] != batch:
                 raise ValueError(f"FaceDecoder: {name} must be [{batch}, N], got {z.shape}")
         posed = self.warp(v_app, z_pose, z_dyn, z_id)
-        return self.generator(self.projection(posed))
+        cond = z_dyn.astype(jnp.float32) if self.dyn_modulation else None
+        return self.generator(self.projection(posed), cond)

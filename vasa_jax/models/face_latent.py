@@ -111,7 +111,8 @@ class FaceLatentModel(nnx.Module):
         self.decoder = face_decoder.FaceDecoder(
             volume_channels=v.channels, volume_shape=volume_shape, dyn_dim=m.dyn_dim,
             id_dim=cfg.id.dim, warp=warp_kwargs(cfg), channels=d.channels, blocks=d.blocks,
-            up_channels=tuple(d.up_channels), groups=cfg.groups, remat=cfg.remat, **kw,
+            up_channels=tuple(d.up_channels), groups=cfg.groups,
+            dyn_modulation=d.get("dyn_modulation", False), remat=cfg.remat, **kw,
         )
 
     def encode_motion(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
