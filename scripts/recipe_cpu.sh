@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The CPU recipe, one command: a face-framed 64 px SynthTalk corpus, the expression meter,
+# stage 1 (tiny), its evaluation, then stage-1 latents, stage 2 (tiny) and its evaluation.
+#   bash scripts/recipe_cpu.sh WORKDIR [SEED]
+# Budgets on 2 CPU cores (env overrides): STAGE1_STEPS, STAGE2_STEPS, METER_STEPS, IDS, CLIPS.
+# Every step resumes or skips what WORKDIR already holds, so a stopped recipe can be re-run.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+W="${1:?usage: bash scripts/recipe_cpu.sh WORKDIR [SEED]}"
+SEED="${2:-0}"
+mkdir -p "$W"
+W="$(cd "$W" && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh requirements.txt
+PY=.venv/bin/python
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+STAGE1_STEPS="${STAGE1_STEPS:-3000}"
+STAGE2_STEPS="${STAGE2_STEPS:-1500}"
+METER_STEPS="${METER_STEPS:-1500}"
+IDS="${IDS:-32}"
+CLIPS="${CLIPS:-9}"
+D="$W/synthtalk"
+
+stamp() { echo "recipe [$(date +%H:%M:%S)] $*"; }
+
+if [ ! -f "$D/dataset.json" ]; then
+  stamp "corpus: $IDS identities x $CLIPS clips of 4 s (one held out per identity), seed $SEED"
+  $PY -m data_pipeline.synthtalk --out "$D" --num_identities "$IDS" --clips_per_identity "$CLIPS" \
+    --seconds 4 --size 64 --seed "$SEED" --test_clips_per_identity 1 --workers 2 --no_progress
+fi
+
+if [ ! -f "$W/meter/expression_meter.json" ]; then
+  stamp "expression meter ($METER_STEPS steps)"
+  $PY -m vasa_jax.models.expression_meter train --data "$D" --out "$W/meter" \
+    --steps "$METER_STEPS" --batch_size 16
+fi
+
+stamp "stage 1 ($STAGE1_STEPS steps)"
+JAX_NUM_CPU_DEVICES=2 $PY train.py --config configs/face_latent.py:size=tiny --workdir "$W/face" \
+  --config.data.path="$D" --config.seed="$SEED" --config.optim.lr=1e-3 \
+  --config.train.total_steps="$STAGE1_STEPS" --config.loss.gan_start_step="$STAGE1_STEPS" \
+  --config.data.batch_size=4 --config.loss.consist_fraction=0.5 \
+  --config.loss.l1_region_weight=10 --config.model.decoder.dyn_modulation=True
+stamp "stage 1 evaluation"
+$PY -m vasa_jax.evaluate face_latent --workdir "$W/face" --data "$D" \
+  --expression_meter "$W/meter" --no_progress | tee "$W/face_eval.txt"
+
+if [ ! -f "$W/latents/dataset.json" ]; then
+  stamp "stage-1 latents"
+  $PY -m data_pipeline.extract_latents --face_workdir "$W/face" --data "$D" --out "$W/latents"
+fi
+stamp "stage 2 ($STAGE2_STEPS steps)"
+$PY train.py --config configs/motion_dit.py:size=tiny --workdir "$W/motion" \
+  --config.data.path="$W/latents" --config.seed="$SEED" \
+  --config.data.motion_source=features:motion --config.data.audio_source=features:audio \
+  --config.train.total_steps="$STAGE2_STEPS"
+stamp "stage 2 evaluation"
+$PY -m vasa_jax.evaluate motion --workdir "$W/motion" --data "$W/latents" --no_progress \
+  | tee "$W/motion_eval.txt"
+stamp "summary"
+tail -n 3 "$W/face_eval.txt"
+tail -n 1 "$W/motion_eval.txt"
