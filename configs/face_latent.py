@@ -211,7 +211,10 @@ def loss_config(size: str) -> ml_collections.ConfigDict:
     """
     l = ml_collections.ConfigDict()  # noqa: E741
     l.l1_weight = 10.0  # self-reenactment: source appearance + driving motion vs driving
-    l.l1_region_weight = 0.0  # extra L1 weight on the eye band and mouth box (0 = plain L1)
+    # Extra L1 weight inside the eye and mouth boxes (0 = plain L1): the driving frame's own
+    # boxes when the data has mouth_box / eyes_box labels (SynthTalk), else fixed face-crop
+    # boxes (losses.FACE_REGIONS). EMOPortraits weights mouth and eyes 500 to 1.
+    l.l1_region_weight = 0.0
     # tiny: 0. Its VGG19 is random unless weights are given (no perceptual prior), and at
     # 64 px it is ~85% of a CPU step (64 of ~75 GFLOP at batch 8): PSNR-driven CPU runs
     # are faster without it. Tests switch it on.

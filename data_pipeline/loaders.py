@@ -247,7 +247,8 @@ class Stage1Sample(grain.transforms.RandomMap):
     frame of a random clip of another identity. Augmentation: source and driving share one
     scale/shift jitter and one colour jitter (the reconstruction target must be predictable
     from source appearance + driving motion, and their relative head motion stays the real
-    one); cross gets its own. Labels are those of the un-augmented frames.
+    one); cross gets its own. Labels are those of the un-augmented frames,
+    except the image-space boxes (schema.BOX_LABELS), which move with the jitter.
     """
 
     def __init__(self, records: ClipRecords, cross_ids: np.ndarray, cross_identities: np.ndarray,
@@ -270,10 +271,17 @@ class Stage1Sample(grain.transforms.RandomMap):
         r = int(rng.integers(n_other))
         return int(self._cross_ids[r if r < lo else r + (hi - lo)])
 
-    def _augment(self, images: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    def _augment(self, images: list[np.ndarray], labels: list[dict[str, np.ndarray]],
+                 rng: np.random.Generator) -> list[np.ndarray]:
+        """Jitters the images with one geometry and colour; their box labels (schema.
+        BOX_LABELS) move with the content, in place."""
         a = self._aug
         geometry = T.sample_geometry(rng, a.scale, a.shift)
         color = T.sample_color(rng, a.brightness, a.contrast, a.saturation, a.hue)
+        for frame_labels in labels:
+            for name in schema.BOX_LABELS:
+                if name in frame_labels:
+                    frame_labels[name] = T.jitter_boxes(frame_labels[name], *geometry)
         return [
             T.jitter_color(T.jitter_geometry(T.resize_square(im, self._image_size), *geometry),
                            *color)
@@ -314,8 +322,12 @@ class Stage1Sample(grain.transforms.RandomMap):
             return Skipped(f"record {record_id}: no usable cross-identity clip in "
                            f"{MAX_CROSS_TRIES} tries", failures)
 
-        source, driving = self._augment([source, driving], rng)
-        (cross,) = self._augment([cross], rng)
+        labels = {"source": _labels_at(clip, self._label_names, i),
+                  "driving": _labels_at(clip, self._label_names, j),
+                  "cross": _labels_at(other, self._label_names, f)}
+        source, driving = self._augment([source, driving],
+                                        [labels["source"], labels["driving"]], rng)
+        (cross,) = self._augment([cross], [labels["cross"]], rng)
         return {
             "source": source,
             "driving": driving,
@@ -325,11 +337,7 @@ class Stage1Sample(grain.transforms.RandomMap):
             "clip_index": np.int32(record_id),
             "cross_clip_index": np.int32(cross_id),
             "frame_index": np.array([i, j, f], np.int32),
-            "labels": {
-                "source": _labels_at(clip, self._label_names, i),
-                "driving": _labels_at(clip, self._label_names, j),
-                "cross": _labels_at(other, self._label_names, f),
-            },
+            "labels": labels,
             "num_skipped": np.int32(failures),
         }
 

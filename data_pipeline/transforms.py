@@ -194,6 +194,17 @@ def jitter_geometry(img: np.ndarray, zoom: float, dx: float, dy: float) -> np.nd
                           borderMode=cv2.BORDER_REFLECT_101)
 
 
+def jitter_boxes(boxes: np.ndarray, zoom: float, dx: float, dy: float) -> np.ndarray:
+    """The boxes of an image after `jitter_geometry(img, zoom, dx, dy)`.
+
+    boxes: [..., 4] (x0, y0, x1, y1) in [0, 1] image coordinates -> the same, moved with the
+    content (zoom about the centre, then the shift) and clipped to the frame.
+    """
+    b = np.asarray(boxes, np.float32)
+    shift = np.array([dx, dy, dx, dy], np.float32)
+    return np.clip(zoom * (b - 0.5) + 0.5 + shift, 0.0, 1.0).astype(np.float32)
+
+
 # ITU-R BT.601 luma and the YIQ basis (hue rotation = rotating the I/Q chroma plane).
 _LUMA = np.array([0.299, 0.587, 0.114], np.float64)
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],

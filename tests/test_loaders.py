@@ -472,3 +472,19 @@ def test_geometry_ops():
     zoom, dx, dy = T.sample_geometry(rng, 0.1, 0.05)
     assert 0.9 <= zoom <= 1.1 and abs(dx) <= 0.05 and abs(dy) <= 0.05
     assert T.sample_geometry(rng, 0.0, 0.0) == (1.0, 0.0, 0.0)
+
+
+def test_boxes_move_with_the_geometry_jitter():
+    """A white square's box, jittered, still bounds the jittered square's pixels."""
+    size, box = 40, np.array([0.25, 0.5, 0.5, 0.75], np.float32)  # x0, y0, x1, y1
+    img = np.zeros((size, size, 3), np.uint8)
+    img[20:30, 10:20] = 255
+    for zoom, dx, dy in [(1.0, 0.1, 0.0), (1.1, -0.05, 0.05), (0.9, 0.0, -0.1)]:
+        moved = T.jitter_geometry(img, zoom, dx, dy)
+        ys, xs = np.nonzero(moved[..., 0] > 127)
+        x0, y0, x1, y1 = T.jitter_boxes(box, zoom, dx, dy) * size
+        assert x0 - 1 <= xs.min() and xs.max() + 1 <= x1 + 1, (zoom, dx, dy)
+        assert y0 - 1 <= ys.min() and ys.max() + 1 <= y1 + 1, (zoom, dx, dy)
+        assert abs(xs.min() - x0) <= 1.5 and abs(ys.max() + 1 - y1) <= 1.5
+    np.testing.assert_allclose(T.jitter_boxes(np.array([[0.0, 0.0, 1.0, 1.0]]), 1.2, 0.1, 0),
+                               [[0.0, 0.0, 1.0, 1.0]])  # clipped to the frame

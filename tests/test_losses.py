@@ -94,6 +94,22 @@ def test_perceptual_loss_matches_hand_computation_over_pyramid():
 # ----------------------------------------------------------------------------- L1 / regions
 
 
+def test_box_weights_follow_each_images_boxes():
+    boxes = jnp.asarray([[[0.0, 0.0, 0.5, 0.5], [0.75, 0.75, 1.0, 1.0]],
+                         [[0.5, 0.5, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0]]], jnp.float32)
+    w = np.asarray(losses.box_weights(boxes, 8, region_weight=4.0))
+    assert w.shape == (2, 8, 8, 1)
+    inside = np.zeros((2, 8, 8), bool)
+    inside[0, :4, :4] = inside[0, 6:, 6:] = inside[1, 4:, 4:] = True
+    np.testing.assert_allclose(w[..., 0], np.where(inside, 5.0, 1.0))
+    # The same map as the fixed-box helper for one image.
+    fixed = losses.face_region_weights(8, region_weight=4.0, regions={"a": (0, 0, 0.5, 0.5),
+                                                                       "b": (0.75, 0.75, 1, 1)})
+    np.testing.assert_allclose(w[0], fixed)
+    with pytest.raises(ValueError, match="B, K, 4"):
+        losses.box_weights(boxes[0], 8, region_weight=1.0)
+
+
 def test_region_weight_map_and_weighted_l1():
     w = losses.face_region_weights(64, region_weight=2.0)
     assert w.shape == (64, 64, 1) and w.dtype == np.float32

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import configs
 from configs.common import ConfigError
+from data_pipeline import schema
 from data_pipeline.schema import DatasetInfo
 from tests import testdata
 from vasa_jax.models import face_id
@@ -34,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("faces"))
-    testdata.make_dataset(path, identities=3, clips_per_identity=1, seconds=1.0, size=32)
+    testdata.make_dataset(path, identities=3, clips_per_identity=1, seconds=1.0, size=32,
+                          labels=list(schema.LABELS) + list(schema.BOX_LABELS))
     return path
 
 
@@ -60,7 +62,9 @@ def _host(state):
 @pytest.fixture(scope="module")
 def run(data_dir, face_id_dir):
     """Initial state, two steps: the states after each, their metrics."""
-    config = tiny_config(data_dir, loss__face_id_path=face_id_dir, data__batch_size=2)
+    # l1_region_weight: the driving frames' mouth / eye boxes weight the L1 in the step.
+    config = tiny_config(data_dir, loss__face_id_path=face_id_dir, data__batch_size=2,
+                         loss__l1_region_weight=4.0)
     # unsafe_rbg: initialisers compile several times faster on CPU than threefry.
     with jax.default_prng_impl("unsafe_rbg"), jax.threefry_partitionable(False):
         stage = face_latent.make_stage(config)
@@ -252,3 +256,17 @@ def test_train_py_runs_this_trainer():
                     if isinstance(node, ast.Assign) and node.targets[0].id == "TRAINERS")
     module, fn = trainers["face_latent"].split(":")
     assert module == face_latent.__name__ and fn == "train_and_evaluate"
+
+
+def test_region_weights_come_from_the_frames_boxes(data_dir, tmp_path):
+    """With box labels the step reads them (labels in the batch even without the pose
+    loss); without them, or with no region weight, it uses fixed boxes or none."""
+    no_pose = dict(loss__pose_weight=0.0, loss__perceptual_weight=0.0)
+    stage = face_latent.make_stage(tiny_config(data_dir, loss__l1_region_weight=4.0, **no_pose))
+    assert "labels" in stage.batch_keys
+    plain = face_latent.make_stage(tiny_config(data_dir, **no_pose))
+    assert "labels" not in plain.batch_keys
+    batch = next(iter(stage.make_dataset(0, 1)))
+    for role in ("source", "driving"):
+        boxes = np.asarray(batch["labels"][role]["mouth_box"])
+        assert boxes.shape == (8, 4) and np.all(boxes[:, 2] > boxes[:, 0])

@@ -147,6 +147,17 @@ def _draw_frame(
     return img
 
 
+def _boxes(size: int, pose: np.ndarray, mouth_open: float) -> dict[str, np.ndarray]:
+    """mouth_box / eyes_box (schema.BOX_LABELS) of what `_draw_frame` draws, roll ignored."""
+    s = size / 64.0
+    cx, cy = size / 2 + pose[0] / 15.0 * 6 * s, size / 2 - pose[1] / 8.0 * 4 * s
+    half_h = max(1, int(round((1 + 7 * mouth_open) * s)))
+    mouth = (cx - 7 * s, cy + 11 * s - half_h, cx + 7 * s + 1, cy + 11 * s + half_h + 1)
+    eyes = (cx - 10 * s, cy - 9 * s, cx + 10 * s + 1, cy - 3 * s + 1)
+    return {name: np.clip(np.asarray(box, np.float32) / size, 0.0, 1.0)
+            for name, box in (("mouth_box", mouth), ("eyes_box", eyes))}
+
+
 def identity_color(identity_id: int) -> tuple[int, int, int]:
     """The background colour of an identity, uint8 RGB."""
     r, g, b = colorsys.hsv_to_rgb((identity_id * 0.618034) % 1.0, 0.7, 0.8)
@@ -169,7 +180,8 @@ def make_clip(
     features: dict[str, int] | None = None,
     frame_format: str = "jpeg",
 ) -> schema.Clip:
-    """One procedural clip. `labels`: True (all), False (none) or the names to keep."""
+    """One procedural clip. `labels`: True (all schema.LABELS), False (none) or the names to
+    keep (schema.BOX_LABELS too)."""
     rng = np.random.default_rng([seed, identity_id, zlib.crc32(clip_id.encode())])
     num_samples = int(round(num_frames / fps * sample_rate))
     audio, envelope = speech_like_audio(num_samples, sample_rate, 110.0 + 15 * identity_id, rng)
@@ -184,8 +196,12 @@ def make_clip(
         )
         for t in range(num_frames)
     ]
+    for name in schema.BOX_LABELS:  # only kept when asked for by name
+        all_labels[name] = np.stack([
+            _boxes(size, all_labels["pose"][t], all_labels["mouth_open"][t])[name]
+            for t in range(num_frames)])
     if labels is True:
-        keep = list(all_labels)
+        keep = [k for k in all_labels if k not in schema.BOX_LABELS]
     elif labels is False:
         keep = []
     else:

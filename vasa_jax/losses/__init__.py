@@ -9,6 +9,7 @@ The frozen networks they use live in vasa_jax.models.vgg19 and vasa_jax.models.f
 
 from vasa_jax.losses.face_latent import (
     FACE_REGIONS,
+    box_weights,
     consistency_loss,
     consistency_pair,
     cosine_similarity,
@@ -31,6 +32,7 @@ from vasa_jax.losses.perceptual import (
 
 __all__ = [
     "FACE_REGIONS",
+    "box_weights",
     "VGG_LAYER_WEIGHTS",
     "consistency_loss",
     "consistency_pair",

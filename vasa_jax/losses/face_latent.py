@@ -8,10 +8,11 @@ fields v_app, z_id, z_pose, z_dyn (`vasa_jax.models.face_latent.FaceLatent`):
     decode(v_app, z_id, z_pose, z_dyn) -> images [B, S, S, 3] in [-1, 1]
 
 Region weights. MegaPortraits and VASA-1 emphasise nothing by region, but talking-face
-training often up-weights the eyes and mouth (small areas that carry the motion). Without
-landmarks (SynthTalk labels have none) `face_region_weights` builds a fixed map from boxes
-in normalised coordinates of an aligned, centred face crop; any per-pixel map [B, H, W, 1]
-(e.g. from landmarks, or a foreground mask) can be passed to `l1_loss` instead.
+training often up-weights the eyes and mouth (small areas that carry the motion; EMOPortraits
+weights them 500 to 1). `box_weights` builds per-image maps from per-frame boxes (SynthTalk's
+`mouth_box` / `eyes_box` labels, or boxes from landmarks); without them
+`face_region_weights` builds a fixed map from boxes in normalised coordinates of an aligned,
+centred face crop. Any per-pixel map [B, H, W, 1] can be passed to `l1_loss`.
 """
 
 from __future__ import annotations
@@ -78,6 +79,23 @@ def face_region_mask(
             raise ValueError(f"region {name!r} box {(x0, y0, x1, y1)} is not inside [0, 1]^2")
         inside |= ((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
     return inside
+
+
+def box_weights(boxes: jax.Array, size: int, *, region_weight: float) -> jax.Array:
+    """Per-image weight maps from per-image region boxes: 1 + region_weight inside any box.
+
+    boxes: [B, K, 4] (x0, y0, x1, y1) in [0, 1] image coordinates (e.g. the stacked
+    `mouth_box`, `eyes_box` labels of data_pipeline.schema.BOX_LABELS); a pixel is inside
+    if its centre is. Returns float32 [B, size, size, 1] for `l1_loss`.
+    """
+    if boxes.ndim != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be [B, K, 4], got {boxes.shape}")
+    centres = (jnp.arange(size, dtype=jnp.float32) + 0.5) / size
+    b = boxes.astype(jnp.float32)[:, :, :, None]  # [B, K, 4, 1]
+    in_x = (centres >= b[:, :, 0]) & (centres < b[:, :, 2])  # [B, K, S]
+    in_y = (centres >= b[:, :, 1]) & (centres < b[:, :, 3])
+    inside = jnp.any(in_y[:, :, :, None] & in_x[:, :, None, :], axis=1)  # [B, S, S]
+    return (1.0 + region_weight * inside.astype(jnp.float32))[..., None]
 
 
 def l1_loss(x: jax.Array, y: jax.Array, weights: jax.Array | np.ndarray | None = None) -> jax.Array:

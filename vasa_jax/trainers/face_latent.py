@@ -45,7 +45,7 @@ from absl import logging
 from flax import nnx
 
 from data_pipeline.loaders import stage1_dataset
-from data_pipeline.schema import DatasetInfo
+from data_pipeline.schema import BOX_LABELS, DatasetInfo
 from vasa_jax import losses, optim
 from vasa_jax.models.discriminator import build_discriminator
 from vasa_jax.models.face_id import load_face_id
@@ -155,12 +155,17 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     total = config.train.total_steps
     g_schedule = optim.learning_rate_schedule(config.optim, total)
     d_schedule = optim.learning_rate_schedule(config.disc_optim, total)
+    # Region weights on the L1: from the driving frames' own mouth / eye boxes when the data
+    # has them (schema.BOX_LABELS, moved with the augmentation), else fixed face-crop boxes.
+    dataset_labels = (DatasetInfo.load(config.data.path).labels
+                      if w["pose"] > 0 or lc.l1_region_weight > 0 else [])
+    boxes = tuple(n for n in BOX_LABELS if n in dataset_labels) if lc.l1_region_weight else ()
     region = (losses.face_region_weights(config.model.image_size,
                                          region_weight=lc.l1_region_weight)
-              if lc.l1_region_weight > 0 else None)
+              if lc.l1_region_weight > 0 and not boxes else None)
 
     if w["pose"] > 0:
-        labels = DatasetInfo.load(config.data.path).labels
+        labels = dataset_labels
         if "pose" not in labels:
             raise ValueError(
                 f"loss.pose_weight={w['pose']:g} needs per-frame `pose` labels, but "
@@ -205,7 +210,12 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         out = decode_all(gen, jobs)
         recon = out["recon"]
 
-        terms = {"l1": losses.l1_loss(recon, drv, region)}
+        weights = region
+        if boxes:  # [B, len(boxes), 4] of the driving frames -> [B, S, S, 1]
+            frame_boxes = jnp.stack([batch["labels"]["driving"][n] for n in boxes], axis=1)
+            weights = losses.box_weights(frame_boxes, drv.shape[1],
+                                         region_weight=lc.l1_region_weight)
+        terms = {"l1": losses.l1_loss(recon, drv, weights)}
         if w["pose"] > 0:  # z_pose angles of [source; driving] against their labels
             labels = batch["labels"]
             target = warping.angles_from_labels(jnp.concatenate(
@@ -326,7 +336,8 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         train_step=train_step,
         make_dataset=lambda index, count: stage1_dataset(
             config.data, process_index=index, process_count=count),
-        batch_keys=("source", "driving", "cross") + (("labels",) if w["pose"] > 0 else ()),
+        batch_keys=("source", "driving", "cross")
+        + (("labels",) if w["pose"] > 0 or boxes else ()),
         frozen=frozen,
         image_summary=image_summary,
         ema=loop.EMA(source="generator", target="ema", decay=config.train.ema_decay),
