@@ -311,3 +311,99 @@ def test_train_then_cli(stage2_data, tmp_path):
     assert f"{saved['lip_sync']['r']:.3f}" == lines[-1].split()[-1]
     assert np.isfinite(saved["pose_dp"]["generated"])
     assert np.isfinite(saved["gaze_control"]["compared"]["mean"])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+FACE_SIZE = 64  # the tiny stage-1 model's image size
+# A tiny expression meter (tests/test_expression_meter.py's recipe), trained a few steps:
+# only the plumbing is checked, not how well it reads mouths.
+METER_ARGS = ["--size", "32", "--channels", "8,8,8,8", "--hidden", "8", "--batch_size", "4",
+              "--lr", "1e-2", "--warmup_steps", "1", "--num_workers", "0", "--log_every", "3",
+              "--steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def latents_run(tmp_path_factory):
+    """(latents dataset, stage-1 workdir, meter export, untrained stage-2 generator on the
+    latents): a filled-in step-2 stage-1 checkpoint (as test_extract_latents.py), its
+    `extract_latents` output (dataset.json records the run), a meter trained 3 steps."""
+    from flax import nnx
+
+    from data_pipeline import extract_latents as X
+    from data_pipeline import stats as stats_lib
+    from tests.test_extract_latents import _make_workdir
+    from vasa_jax.models import expression_meter as em
+    from vasa_jax.models.motion_dit import MotionDiT
+    from vasa_jax.motion_sampler import MotionGenerator
+
+    root = tmp_path_factory.mktemp("motion_e2e")
+    data, face, latents, meter = (str(root / n) for n in ("data", "face", "latents", "meter"))
+    testdata.make_dataset(data, identities=2, clips_per_identity=2, test_clips_per_identity=1,
+                          seconds=0.8, size=FACE_SIZE)  # 20 frames a clip
+    _make_workdir(face, data)
+    X.extract(face, data, latents, X.Settings(batch_size=8, read_threads=1, progress=False,
+                                              fast_cpu_compile=True))
+    assert em.main(["train", "--data", data, "--out", meter, *METER_ARGS]) == 0
+    config = _tiny_stage2_config(latents, data__motion_source="features:motion",
+                                 data__audio_source="features:audio")
+    norm = stats_lib.Normalization.from_data(latents, "features:motion", "features:audio")
+    model = MotionDiT(config.model, norm.motion_dim, norm.audio_dim, rngs=nnx.Rngs(0))
+    return latents, face, meter, MotionGenerator(config, model, norm, step=0)
+
+
+def test_end_to_end_lip_sync(latents_run, tmp_path):
+    latents, face, meter, gen = latents_run
+    base = dict(num_clips=2, seeds=1, control_clips=1, gaze_targets=(), distance_quantiles=(),
+                progress=False)
+    # No flags: nothing changes.
+    plain = ev.evaluate("", latents, ev.Settings(**base), generator=gen, json_path="")
+    assert not {"end_to_end_r", "end_to_end_r_real", "end_to_end"} & set(plain["lip_sync"])
+    assert not any(line.startswith("end-to-end") for line in ev.summary_lines(plain))
+
+    # --expression_meter alone: the stage-1 run is the one the latents dataset records.
+    settings = ev.Settings(**base, expression_meter=meter, decode_batch_size=8,
+                           fast_cpu_compile=True)
+    out = str(tmp_path / "r.json")
+    r = ev.evaluate("", latents, settings, generator=gen, json_path=out)
+    lip = r["lip_sync"]
+    e2e = lip["end_to_end"]
+    assert e2e["face_workdir"] == os.path.abspath(face) and e2e["face_step"] == 2
+    assert e2e["face_weights"] == "ema" and e2e["image_size"] == FACE_SIZE
+    assert e2e["expression_meter"] == os.path.abspath(meter)
+    assert e2e["num_frames"] == lip["num_frames"] == r["num_frames"] == 2 * 20
+    for key in ("end_to_end_r", "end_to_end_r_real"):
+        value = lip[key]
+        if value is None:
+            assert e2e["none_reason"][key], e2e
+        else:
+            assert np.isfinite(value) and -1.0 <= value <= 1.0, (key, value)
+    assert e2e["per_clip_mean_r"] is None or -1.0 <= e2e["per_clip_mean_r"] <= 1.0
+    saved = json.load(open(out))
+    assert set(saved["lip_sync"]) >= {"end_to_end_r", "end_to_end_r_real", "end_to_end"}
+    lines = ev.summary_lines(r)
+    assert LAST_LINE.match(lines[-1]), lines[-1]
+    assert any(line.startswith("end-to-end lip-sync (") for line in lines[:-1]), lines
+
+    # Errors: one line, exit 1, before any restore (the stage-2 workdir does not exist).
+    def cli(*flags):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = evaluate_main(["motion", "--workdir", str(tmp_path / "no_run"),
+                                  "--no_progress", *flags])
+        return code, err.getvalue()
+
+    oracle_data = str(tmp_path / "plain")  # not made by extract_latents: records no run
+    testdata.make_dataset(oracle_data, identities=1, clips_per_identity=1,
+                          test_clips_per_identity=1, seconds=0.2, size=16)
+    for flags, message in (
+            (["--data", oracle_data, "--expression_meter", meter], "pass --face_workdir"),
+            (["--data", latents, "--expression_meter", str(tmp_path / "no_meter")], "no_meter"),
+            (["--data", latents, "--expression_meter", meter, "--face_workdir",
+              str(tmp_path / "no_face")], "no_face")):
+        code, err = cli(*flags)
+        assert code == 1 and err.startswith("error: ") and message in err, (flags, err)
+        assert len(err.strip().splitlines()) == 1, err
+    with pytest.raises(ValueError, match="--expression_meter"):
+        ev.Settings(face_workdir=face)

@@ -3,6 +3,7 @@ motion.
 
     python -m vasa_jax.evaluate motion --workdir W --data D [--split test] [--num_clips N]
         [--seeds 3] [--num_sample_steps S] [--control_clips 8] [--json PATH] [--step S]
+        [--expression_meter M [--face_workdir W1]]
 
 Restores the motion generator of a stage-2 run (`vasa_jax.motion_sampler.MotionGenerator
 .from_workdir`) and, for each held-out clip of split --split (evenly spread over it when
@@ -17,6 +18,18 @@ the train split (their held-out R^2 on the evaluated clips' ground truth is repo
   of all clips pooled (the headline, last line `lip-sync r: X`), the mean per-clip r, the
   best r within +-2 frames of lag (and its lag; > 0: the generated mouth trails), and the
   ceiling: the same r for the ground-truth motion through the probe.
+- end-to-end lip sync (only with --expression_meter M, a frozen
+  `vasa_jax.models.expression_meter` export, and motion = stage-1 latents [z_pose, z_dyn],
+  data.motion_source "features:motion" of `data_pipeline.extract_latents`): the scored
+  (seed 0) generated motion of each clip, in raw latent units (what `generate` returns),
+  is decoded to frames by the stage-1 model (the EMA generator of --face_workdir W1,
+  default: the run and step the latents dataset records in dataset.json
+  extra.extract_latents, if that folder exists), with the clip's first frame as the
+  portrait (encoded once: v_app, z_id), and the meter reads the mouth off the decoded
+  frames. Reported: Pearson r of that reading with the clip's true `mouth_open` pooled
+  over all frames (`end_to_end_r`), its mean per clip, and the same r of the meter on the
+  clip's real frames (`end_to_end_r_real`, its ceiling); None with the reason where a
+  series is constant.
 - dP (VASA-1's pose-jitter metric, `pose_jitter_dp`, degrees per frame): of the probe's
   pose angles of the generated motion, of the ground-truth pose labels, and of the
   ground-truth motion through the probe (a probe can only smooth or add noise: compare
@@ -48,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -69,6 +83,9 @@ DEFAULT_GAZE_TARGETS = ((15.0, 0.0), (0.0, 10.0))  # (theta up, phi right) degre
 DEFAULT_DISTANCE_QUANTILES = (0.1, 0.9)
 MAX_LAG = 2  # frames either way for the lagged lip-sync diagnostic
 CHECKPOINT_DIR = "checkpoints"  # vasa_jax.trainers.loop.CHECKPOINT_DIR (not imported: heavy)
+# The stage-1 latents [z_pose, z_dyn] of data_pipeline.extract_latents (STATS_MOTION; not
+# imported: heavy): the motion the end-to-end lip sync can decode.
+LATENTS_SOURCE = "features:motion"
 
 
 class Generator(Protocol):
@@ -111,10 +128,23 @@ class Settings:
     max_frames: int | None = None  # evaluate only the first N frames of each clip
     step: int | None = None  # checkpoint step (None: latest)
     progress: bool = True
+    # End-to-end lip sync (None: off): the expression-meter export, and the stage-1 run that
+    # made the latents (None: the one the latents dataset records).
+    expression_meter: str | None = None
+    face_workdir: str | None = None
+    decode_batch_size: int = 16  # stage-1 decodes per device call (not a flag)
+    # XLA:CPU at -O0 for the stage-1 decode (vasa_jax.trainers.loop.FAST_CPU_COMPILE):
+    # faster compiles, slower batches; for tests on CPU (not a flag).
+    fast_cpu_compile: bool = False
 
     def __post_init__(self):
         if self.split not in schema.SPLITS:
             raise ValueError(f"split must be one of {schema.SPLITS}, got {self.split!r}")
+        if self.face_workdir and not self.expression_meter:
+            raise ValueError("--face_workdir is only used by the end-to-end lip sync, which "
+                             "also needs --expression_meter M")
+        if self.decode_batch_size < 1:
+            raise ValueError(f"decode_batch_size must be >= 1, got {self.decode_batch_size}")
         for name in ("num_clips", "control_clips", "max_frames"):
             value = getattr(self, name)
             if value is not None and value < (2 if name == "max_frames" else 1):
@@ -138,12 +168,14 @@ class Settings:
 
 @dataclasses.dataclass
 class EvalClip:
-    """One clip's ground truth: motion [T, Dm], audio features [T, Da], labels name -> [T, ...]."""
+    """One clip's ground truth: motion [T, Dm], audio features [T, Da], labels name -> [T, ...];
+    frames: its T encoded (JPEG/PNG) frames, only where asked for (end-to-end lip sync)."""
 
     clip_id: str
     motion: np.ndarray
     audio: np.ndarray
     labels: dict[str, np.ndarray]
+    frames: list[bytes] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -185,11 +217,12 @@ def _motion_of(clip: schema.Clip, motion_source: str) -> np.ndarray:
 def read_clips(
     directory: str, split: str, config: Any, *, max_clips: int | None, with_audio: bool,
     max_frames: int | None = None, frames_per_clip: int | None = None,
-    progress: bool = False,
+    with_frames: bool = False, progress: bool = False,
 ) -> tuple[list[EvalClip], int]:
     """Clips of a split (evenly spread over it if max_clips is set), with >= 2 frames.
 
     with_audio: also the audio features (`loaders.clip_sequences`; else audio is [T, 0]).
+    with_frames: also the encoded frames of the kept rows (EvalClip.frames).
     max_frames: keep the first N frames; frames_per_clip: keep N evenly spaced frames
     (probe fitting; exclusive with with_audio). Returns (clips, records skipped as
     unreadable, too short or lacking the motion / audio source).
@@ -222,7 +255,9 @@ def read_clips(
             skipped += 1
             continue
         labels = {k: np.asarray(v)[rows] for k, v in clip.labels.items()}
-        clips.append(EvalClip(clip.clip_id, np.asarray(motion, np.float64), audio, labels))
+        frames = [clip.frames[int(i)] for i in rows] if with_frames else None
+        clips.append(EvalClip(clip.clip_id, np.asarray(motion, np.float64), audio, labels,
+                              frames))
     return clips, skipped
 
 
@@ -258,6 +293,161 @@ def load_generator(workdir: str, step: int | None = None) -> Generator:
     from vasa_jax.motion_sampler import MotionGenerator
 
     return MotionGenerator.from_workdir(workdir, step=step)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@dataclasses.dataclass
+class FaceRun:
+    """What the end-to-end lip sync decodes and reads with (`face_run`)."""
+
+    workdir: str  # the stage-1 run
+    step: int | None  # its checkpoint (None: latest)
+    meter_path: str
+    meter: Any  # vasa_jax.models.expression_meter.ExpressionMeter
+
+
+def face_run(data: str, settings: Settings) -> FaceRun | None:
+    """The stage-1 run and expression meter of the end-to-end lip sync (None: not asked for).
+
+    --face_workdir, else the run the latents dataset `data` records (dataset.json extra
+    .extract_latents.face_workdir, at the recorded step) if that folder exists. Cheap: the
+    stage-1 model is restored later. Raises ValueError (no stage-1 run to use) or
+    FileNotFoundError (a path that does not exist) naming the flag to fix.
+    """
+    if not settings.expression_meter:
+        return None
+    meta = schema.DatasetInfo.load(data).extra.get("extract_latents") or {}
+    recorded = meta.get("face_workdir")
+    if settings.face_workdir:
+        if not os.path.isdir(settings.face_workdir):
+            raise FileNotFoundError(f"--face_workdir {settings.face_workdir!r} does not exist")
+        workdir = settings.face_workdir
+    elif recorded and os.path.isdir(recorded):
+        workdir = recorded
+    else:
+        why = (f"the latents dataset records {recorded!r}, which does not exist here"
+               if recorded else f"{data!r} records none: it was not made by "
+               "`python -m data_pipeline.extract_latents`")
+        raise ValueError(f"--expression_meter needs the stage-1 run that made the motion "
+                         f"latents: pass --face_workdir W1 ({why})")
+    same = bool(recorded) and os.path.realpath(workdir) == os.path.realpath(recorded)
+    step = meta.get("step") if same else None
+    if recorded and not same:
+        logging.warning("decoding with stage-1 run %s (latest step); the latents were made "
+                        "by %s step %s", workdir, recorded, meta.get("step"))
+    from vasa_jax.evaluate.face_latent import load_meter
+
+    # FileNotFoundError naming the path if it is not an export.
+    return FaceRun(workdir, None if step is None else int(step), settings.expression_meter,
+                   load_meter(settings.expression_meter))
+
+
+def _encode_portrait(graphdef, state, frames):
+    """uint8 portraits [B, S, S, 3] -> (v_app [B, D, H, W, C], z_id [B, id_dim])."""
+    from flax import nnx
+
+    from vasa_jax.evaluate.face_latent import _to_float
+
+    latent = nnx.merge(graphdef, state).encode(_to_float(frames))
+    return latent.v_app, latent.z_id
+
+
+def _decode_mouth(graphdef, meter, state, meter_params, v_app, z_id, z_pose, z_dyn):
+    """One portrait's (v_app [1, ...], z_id [1, ...]) with motion [B, 7], [B, dyn_dim] ->
+    the meter's mouth_open of the decoded frames [B]."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    b = z_pose.shape[0]
+    gen = nnx.merge(graphdef, state)
+    images = gen.decode(jnp.broadcast_to(v_app, (b,) + v_app.shape[1:]),
+                        jnp.broadcast_to(z_id, (b,) + z_id.shape[1:]), z_pose, z_dyn)
+    return meter(meter_params, jnp.clip(images, -1.0, 1.0))["mouth_open"]
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_decode(compiler_options: tuple[tuple[str, Any], ...] = ()) -> dict[str, Any]:
+    """`_encode_portrait` and `_decode_mouth` jitted (model graphdef and meter static), once
+    per set of XLA compiler options."""
+    import jax
+
+    jit = functools.partial(jax.jit, compiler_options=dict(compiler_options) or None)
+    return {"encode": jit(_encode_portrait, static_argnums=0),
+            "decode": jit(_decode_mouth, static_argnums=(0, 1))}
+
+
+def end_to_end_lip_sync(run: FaceRun, clips: Sequence[EvalClip], generated: Sequence[np.ndarray],
+                        settings: Settings) -> dict[str, Any]:
+    """Decodes each clip's generated motion with the stage-1 model and reads the mouth.
+
+    clips: with frames (`read_clips(with_frames=True)`); generated: raw [z_pose, z_dyn]
+    motion [T, 7 + dyn_dim] per clip. Portraits (each clip's frame 0) are encoded in
+    batches of clips, decodes and meter readings run in fixed-size jitted batches over the
+    stage-1 mesh (`face_latent.BatchRunner`). Returns the `lip_sync` entries "end_to_end_r",
+    "end_to_end_r_real" and "end_to_end" (details; "none_reason" for None values).
+    """
+    import jax
+
+    from vasa_jax.evaluate import face_latent as FL
+
+    restored = FL.restore(run.workdir, run.step)
+    options = FL.FAST_CPU_COMPILE if settings.fast_cpu_compile else {}
+    runner = FL.BatchRunner(restored.model, restored.mesh, restored.config.mesh.rules,
+                            settings.decode_batch_size, compiler_options=options,
+                            expression_meter=run.meter)
+    dim = 7 + int(restored.config.model.motion.dyn_dim)
+    if generated and generated[0].shape[1] != dim:
+        raise ValueError(f"the generated motion has {generated[0].shape[1]} dims, stage-1 run "
+                         f"{run.workdir!r} decodes [z_pose (7), z_dyn] = {dim}: pass the "
+                         "--face_workdir that made the latents")
+    fns = _jitted_decode(tuple(sorted(options.items())))
+    size = runner.image_size
+    replicated = jax.sharding.NamedSharding(restored.mesh, jax.sharding.PartitionSpec())
+    gen_mouth, real_mouth = [], []
+    groups = range(0, len(clips), runner.batch_size)
+    def decoded(frames: Sequence[bytes]) -> np.ndarray:
+        return np.stack([T.resize_square(schema.decode_frame(f), size) for f in frames])
+
+    for g in _progress(groups, "end-to-end lip sync", settings.progress):
+        group = clips[g:g + runner.batch_size]
+        v_app, z_id = runner.map(lambda x: fns["encode"](runner.graphdef, runner.state, x),
+                                 [decoded([c.frames[0] for c in group])])
+        for k, clip in enumerate(group):
+            motion = np.asarray(generated[g + k], np.float32)
+            portrait = [jax.device_put(a[k:k + 1], replicated) for a in (v_app, z_id)]
+            gen_mouth.append(runner.map(
+                lambda p, d: fns["decode"](runner.graphdef, runner.meter, runner.state,
+                                           runner.meter_params, *portrait, p, d),
+                [motion[:, :7], motion[:, 7:]]).astype(np.float64))
+            real_mouth.append(runner.read_expression(decoded(clip.frames))["mouth_open"]
+                              .astype(np.float64))
+    truth = [c.labels["mouth_open"].astype(np.float64).ravel() for c in clips]
+    pooled = np.concatenate(truth)
+    r = M.pearson_r(np.concatenate(gen_mouth), pooled)
+    r_real = M.pearson_r(np.concatenate(real_mouth), pooled)
+    per_clip = [M.pearson_r(a, b) for a, b in zip(gen_mouth, truth)]
+    reasons = {}
+    constant = "the true mouth_open is constant over the clips" if np.ptp(pooled) == 0 else ""
+    for key, value, frames in (("end_to_end_r", r, "decoded"),
+                               ("end_to_end_r_real", r_real, "real")):
+        if not np.isfinite(value):
+            reasons[key] = constant or f"the meter's mouth_open of the {frames} frames is constant"
+    details = {
+        "face_workdir": os.path.abspath(run.workdir),
+        "face_step": int(restored.step),
+        "face_weights": restored.weights,
+        "expression_meter": os.path.abspath(run.meter_path),
+        "image_size": int(size),
+        "per_clip_mean_r": _clean(np.nanmean(per_clip) if np.any(np.isfinite(per_clip))
+                                  else float("nan")),
+        "num_frames": int(len(pooled)),
+    }
+    if reasons:
+        details["none_reason"] = reasons
+    return {"end_to_end_r": _clean(r), "end_to_end_r_real": _clean(r_real),
+            "end_to_end": details}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -298,20 +488,30 @@ def evaluate(workdir: str, data: str | None, settings: Settings = Settings(), *,
     `workdir` (tests use an oracle). data: None = the run config's data.path.
     json_path: where the results go ('' = nowhere; None = W/eval/motion_<split>_step<S>.json,
     or nowhere when there is no workdir).
-    Raises FileNotFoundError (no workdir / checkpoint / dataset / split) or ValueError
-    (too few usable clips, required labels missing) with a message saying what to fix.
+    Raises FileNotFoundError (no workdir / checkpoint / dataset / split / stage-1 run /
+    expression meter) or ValueError (too few usable clips, required labels missing, no
+    stage-1 run for --expression_meter) with a message saying what to fix.
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    face = None
     if generator is None:
+        if data:  # the end-to-end inputs before the (slow) restore: fail fast
+            _check_dataset(data)
+            face = face_run(data, settings)
         generator = load_generator(workdir, settings.step)
     config = generator.config
     data = data or str(config.data.get("path", "") or "")
     if not data:
         raise ValueError("no dataset: pass --data DIR (the run's config has no data.path)")
-    if not os.path.isdir(data):
-        raise FileNotFoundError(f"dataset folder {data!r} does not exist")
-    schema.DatasetInfo.load(data)  # a clear error if `data` is not a clip-record dataset
+    _check_dataset(data)
+    if face is None:
+        face = face_run(data, settings)
+    if face is not None and config.data.motion_source != LATENTS_SOURCE:
+        raise ValueError(
+            "the end-to-end lip sync (--expression_meter) decodes stage-1 latents: it needs a "
+            f"run trained on data.motion_source={LATENTS_SOURCE!r} (`data_pipeline."
+            f"extract_latents`), this one's is {config.data.motion_source!r}")
     window = int(config.data.window)
     defaults = {k: float(v) for k, v in dict(config.get("guidance", None) or {}).items()}
     timings["restore"] = time.perf_counter() - start
@@ -320,7 +520,7 @@ def evaluate(workdir: str, data: str | None, settings: Settings = Settings(), *,
     t0 = time.perf_counter()
     clips, skipped = read_clips(data, settings.split, config, max_clips=settings.num_clips,
                                 with_audio=True, max_frames=settings.max_frames,
-                                progress=settings.progress)
+                                with_frames=face is not None, progress=settings.progress)
     if not clips:
         raise ValueError(f"{data!r} split {settings.split!r} has no usable clip (>= 2 frames "
                          f"with the run's motion / audio sources; {skipped} records skipped)")
@@ -444,6 +644,10 @@ def evaluate(workdir: str, data: str | None, settings: Settings = Settings(), *,
                                                    np.concatenate(gt_mouth))),
         "num_frames": int(sum(len(m) for m in gt_mouth)),
     }
+    if face is not None:
+        t0 = time.perf_counter()
+        lip.update(end_to_end_lip_sync(face, clips, generated, settings))
+        timings["end_to_end"] = time.perf_counter() - t0
     dp_gen = M.pose_jitter_dp([probe_set.predict(g, "pose") for g in generated])
     dp_gt = M.pose_jitter_dp([c.labels["pose"] for c in clips])
     dp_probe = M.pose_jitter_dp([probe_set.predict(c.motion, "pose") for c in clips])
@@ -497,6 +701,12 @@ def evaluate(workdir: str, data: str | None, settings: Settings = Settings(), *,
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _check_dataset(data: str) -> None:
+    if not os.path.isdir(data):
+        raise FileNotFoundError(f"dataset folder {data!r} does not exist")
+    schema.DatasetInfo.load(data)  # a clear error if `data` is not a clip-record dataset
 
 
 def _stack_controls(rows: Sequence[dict], name: str) -> tuple[np.ndarray | None,
@@ -630,6 +840,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None,
                         help="results file (default WORKDIR/eval/motion_<split>_step<S>.json; "
                              "'' writes none)")
+    parser.add_argument("--expression_meter", default=None,
+                        help="expression-meter export (vasa_jax.models.expression_meter): "
+                             "also the end-to-end lip sync, the generated latents decoded to "
+                             "frames by stage 1 and read by the meter")
+    parser.add_argument("--face_workdir", default=None,
+                        help="the stage-1 run that made the motion latents, for "
+                             "--expression_meter (default: the one the dataset records)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
@@ -661,6 +878,15 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f" (labels), ground truth through the probe {fmt(dp['ground_truth_probe'])}; "
         f"generated / ground truth {fmt(dp['ratio'], '.2f')}",
     ]
+    if "end_to_end" in lip:
+        e2e = lip["end_to_end"]
+        why = "; ".join(f"{k}: {v}" for k, v in e2e.get("none_reason", {}).items())
+        lines.append(
+            f"end-to-end lip-sync (generated motion decoded by stage 1, meter mouth_open vs "
+            f"the true mouth_open): pooled r {fmt(lip['end_to_end_r'])}, per-clip mean r "
+            f"{fmt(e2e['per_clip_mean_r'])}; the meter on the real frames r "
+            f"{fmt(lip['end_to_end_r_real'])} ({e2e['num_frames']} frames, stage-1 step "
+            f"{e2e['face_step']} of {e2e['face_workdir']})" + (f" [n/a: {why}]" if why else ""))
     for key, label, unit, scale in (("gaze_control", "E_g (deg)", ".2f", "l_g"),
                                     ("distance_control", "E_d", ".4f", "l_d")):
         c = result[key]
@@ -697,6 +923,7 @@ def run(args: argparse.Namespace) -> int:
         gaze_targets=args.gaze_targets, distance_quantiles=args.distance_quantiles,
         probe_clips=args.probe_clips, probe_frames_per_clip=args.probe_frames_per_clip,
         max_frames=args.max_frames, step=args.step, progress=not args.no_progress,
+        expression_meter=args.expression_meter, face_workdir=args.face_workdir,
     )
     result = evaluate(args.workdir, args.data, settings, json_path=args.json)
     print("\n".join(summary_lines(result)), flush=True)
