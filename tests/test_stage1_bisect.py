@@ -11,10 +11,10 @@ from benchmarks import stage1_bisect
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """2 identities x (2 train + 1 test) clips of 1 s at 32 px."""
+    """2 identities x (2 train + 1 test) clips of 1 s at 64 px (the tiny model's size)."""
     d = str(tmp_path_factory.mktemp("bisect") / "data")
     testdata.make_dataset(d, identities=2, clips_per_identity=2, test_clips_per_identity=1,
-                          seconds=1.0, size=32, mouth="random")
+                          seconds=1.0, size=64, mouth="random")
     return d
 
 
@@ -40,11 +40,9 @@ def test_autoencoder_learns_to_reconstruct(data, tmp_path):
 @pytest.mark.slow
 def test_stage1_path_with_every_part_trains(data, tmp_path):
     run = _run(data, tmp_path, "--net", "stage1", "--parts", "blocks3d,warp_sc,g3d,warp_cd",
-               "--config", "configs/face_latent.py:size=tiny", "--set", "data.image_size=32",
-               "--set", "model.volume.size=8", "--set", "model.warp.channels=(8,)",
-               "--set", "model.warp.seed_channels=8", "--set", "model.g3d.channels=(8,)",
-               "--set", "model.id.input_size=32", "--set", "model.motion.input_size=32",
-               "--optim", "config", "--ema", "0.9")
+               "--config", "configs/face_latent.py:size=tiny", "--set", "model.volume.depth=4",
+               "--set", "model.decoder.dyn_modulation=True", "--optim", "config",
+               "--ema", "0.9")
     records = run["records"]
     assert records[1]["loss"] < records[0]["loss"]
     assert np.isfinite(records[1]["psnr/frame"])
