@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU recipe, one command: a face-framed 64 px SynthTalk corpus, the expression meter,
-# stage 1 (tiny), its evaluation, then stage-1 latents, stage 2 (tiny) and its evaluation.
+# the head-pose net, stage 1 (tiny), its evaluation, then stage-1 latents, stage 2 (tiny) and its evaluation.
 #   bash scripts/recipe_cpu.sh WORKDIR [SEED]
 # Budgets on 2 CPU cores (env overrides): STAGE1_STEPS, STAGE2_STEPS, METER_STEPS, IDS, CLIPS.
 # Every step resumes or skips what WORKDIR already holds, so a stopped recipe can be re-run.
@@ -35,9 +35,15 @@ if [ ! -f "$W/meter/expression_meter.json" ]; then
     --steps "$METER_STEPS" --batch_size 16
 fi
 
+if [ ! -f "$W/pose/face_pose.json" ]; then
+  stamp "head-pose net (2500 steps; frozen in stage 1)"
+  $PY -m vasa_jax.models.face_pose train --data "$D" --out "$W/pose" --steps 2500
+fi
+
 stamp "stage 1 ($STAGE1_STEPS steps)"
 JAX_NUM_CPU_DEVICES=2 $PY train.py --config configs/face_latent.py:size=tiny --workdir "$W/face" \
   --config.data.path="$D" --config.seed="$SEED" --config.optim.lr=1e-3 \
+  --config.model.motion.pretrained_pose="$W/pose" \
   --config.train.total_steps="$STAGE1_STEPS" --config.loss.gan_start_step="$STAGE1_STEPS" \
   --config.data.batch_size=4 --config.loss.consist_fraction=0.5 \
   --config.loss.l1_region_weight=10 --config.model.decoder.dyn_modulation=True
