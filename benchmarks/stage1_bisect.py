@@ -10,6 +10,8 @@ frames, batch and optimizer, and prints held-out PSNR (whole frame, eye band, mo
     python -m benchmarks.stage1_bisect --data D --net stage1 --parts ""    # 2-D path only
     python -m benchmarks.stage1_bisect --data D --net stage1 \
         --parts blocks3d,warp_sc,g3d,warp_cd --optim config --ema 0.99    # the whole model
+    python -m benchmarks.stage1_bisect --data D --pairs cross --net ae_motion  # reenactment
+    python -m benchmarks.stage1_bisect --data D --pairs cross --net stage1     # baseline, model
 
 --parts adds stage-1 pieces back one at a time (E_app's 2-D blocks, its reshape to a volume,
 the projection and G2D are always there): blocks3d (E_app's 3-D resblocks), warp_sc,
@@ -18,6 +20,16 @@ canonical -> driving should be the identity). --optim adam is plain Adam at --lr
 the config's optimizer (AdamW b1 = 0.5, weight decay, clipping, cosine schedule).
 --ema evaluates an EMA of the weights. --set overrides any config field.
 
+--pairs cross trains reenactment instead: the source is one frame of a clip, the driving
+frame (the target) another frame of the same clip, through the whole FaceLatentModel (both
+warps with each frame's own pose, as train.py's recon term; --parts is ignored). Held-out
+pairs take each clip's first frame as the source; the floor printed at the end is copying
+that frame. With --set model.motion.pretrained_pose=P the pose net starts from that export
+and stays frozen (model.motion.freeze_pretrained_pose), as in train.py. Its baseline,
+--net ae_motion, is the autoencoder on the source with its residual blocks modulated
+(FiLM) by a code read off the driving frame: no warps, no volume. --self_fraction F makes
+that share of the training pairs self-reconstructions.
+
 Frames: `evaluate face_latent`'s reader (read_clips), --frames_per_clip per train clip held in
 memory, uint8 -> [-1, 1] by data_pipeline.transforms.to_signed_float; no augmentation.
 """
@@ -25,6 +37,7 @@ memory, uint8 -> [-1, 1] by data_pipeline.transforms.to_signed_float; no augment
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -43,6 +56,7 @@ from vasa_jax.models import layers
 from vasa_jax.models.face_latent import FaceLatentModel
 
 PARTS = ("blocks3d", "warp_sc", "g3d", "warp_cd")
+PAIRS = ("self", "cross")
 
 
 class ConvAutoencoder(nnx.Module):
@@ -70,6 +84,38 @@ class ConvAutoencoder(nnx.Module):
         return jnp.tanh(self.up[1](x))
 
 
+class MotionAutoencoder(nnx.Module):
+    """The reenactment baseline: ConvAutoencoder's path on the source, its residual blocks
+    modulated (FiLM) by a code read off the driving frame by a small CNN; no warps, no
+    volume. source, driving [B, S, S, 3] -> [B, S, S, 3]. The code has the size of
+    (z_pose, z_dyn) of the config (7 + model.motion.dyn_dim).
+    """
+
+    def __init__(self, code_dim: int, width: int = 128, *, rngs: nnx.Rngs):
+        self.ae = ConvAutoencoder(width, rngs=rngs)
+        w = width
+        self.motion = nnx.List([nnx.Conv(3, w // 8, (4, 4), strides=2, rngs=rngs),
+                                nnx.Conv(w // 8, w // 4, (4, 4), strides=2, rngs=rngs),
+                                nnx.Conv(w // 4, w // 2, (4, 4), strides=2, rngs=rngs)])
+        self.code_dim = code_dim
+        self.to_code = nnx.Linear(8 * 8 * (w // 2), code_dim, rngs=rngs)
+        self.film = nnx.List([nnx.Linear(code_dim, 2 * w, rngs=rngs) for _ in self.ae.res])
+
+    def __call__(self, x: jax.Array, driving: jax.Array) -> jax.Array:
+        m = driving
+        for conv in self.motion:
+            m = jax.nn.relu(conv(m))
+        code = self.to_code(jax.image.resize(m, (m.shape[0], 8, 8, m.shape[-1]), "linear")
+                            .reshape(m.shape[0], -1))
+        for conv in self.ae.down:
+            x = jax.nn.relu(conv(x))
+        for (a, b), film in zip(self.ae.res, self.film):
+            gamma, beta = jnp.split(film(code)[:, None, None, :], 2, axis=-1)
+            x = x + b(jax.nn.relu(a(x) * (1 + gamma) + beta))
+        x = jax.nn.relu(self.ae.up[0](x))
+        return jnp.tanh(self.ae.up[1](x))
+
+
 class Stage1Path(nnx.Module):
     """The stage-1 generator, reconstructing each image from itself with `parts` switched on.
 
@@ -81,8 +127,11 @@ class Stage1Path(nnx.Module):
         self.model = FaceLatentModel(model_cfg, rngs=rngs)
         self.parts = parts
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, driving: jax.Array | None = None) -> jax.Array:
+        """x [B, S, S, 3] -> reconstruction; with `driving`, the whole model's reenactment."""
         m = self.model
+        if driving is not None:
+            return m(x, driving)
         v = m.app_encoder(x)
         modulated = m.decoder.dyn_modulation
         if "warp_sc" in self.parts or "warp_cd" in self.parts or modulated:
@@ -101,6 +150,8 @@ def build(args, config):
     rngs = nnx.Rngs(args.seed)
     if args.net == "ae":
         return ConvAutoencoder(args.ae_width, rngs=rngs)
+    if args.net == "ae_motion":
+        return MotionAutoencoder(7 + config.model.motion.dyn_dim, args.ae_width, rngs=rngs)
     parts = tuple(p for p in args.parts.split(",") if p)
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -108,6 +159,11 @@ def build(args, config):
     if "blocks3d" not in parts:
         config.model.app.blocks_3d = 0
     net = Stage1Path(config.model, parts, rngs=rngs)
+    if args.pairs == "cross" and config.model.motion.pretrained_pose:
+        from vasa_jax.models.face_pose import load_pose_params
+
+        nnx.update(net.model.motion_encoder.pose_net,
+                   load_pose_params(config.model.motion.pretrained_pose, config.model))
     if args.no_final_norm:  # affine only (layers.GroupNorm with groups 0)
         net.model.app_encoder.norm.groups = 0
         net.model.decoder.generator.norm.groups = 0
@@ -125,30 +181,44 @@ def region_psnr(pred: np.ndarray, target: np.ndarray, masks: dict[str, np.ndarra
     return out
 
 
-def run(args, config, log=print) -> list[dict]:
+def run(args, config, log=print) -> dict:
+    """Trains and evaluates; returns {"records": [per evaluation], "copy": the copy floor}."""
     size = config.model.image_size
     train, _ = evaluator.read_clips(args.data, "train", size, max_clips=args.train_clips,
                                     frames_per_clip=args.frames_per_clip, include_first=False,
                                     progress=False)
+    cross = args.pairs == "cross"
+    # --pairs cross: each held-out clip's first frame is the source of its other frames.
     test, _ = evaluator.read_clips(args.data, "test", size, max_clips=None,
                                    frames_per_clip=args.test_frames_per_clip,
-                                   include_first=False, progress=False)
+                                   include_first=cross, progress=False)
+    # The frame each held-out frame is compared with by the copy floor (and driven from).
+    firsts = np.concatenate([np.repeat(c.frames[:1], len(c.frames) - cross, 0) for c in test])
+    sources = to_signed_float(firsts)
+    if cross:
+        test = [dataclasses.replace(c, frames=c.frames[1:]) for c in test]
     frames = np.concatenate([c.frames for c in train])
+    per_clip = len(train[0].frames)  # read_clips gives every clip the same frame count
     held_out = to_signed_float(np.concatenate([c.frames for c in test]))
     masks = {name: losses.face_region_mask(size, {name: box}).astype(np.float64)
              for name, box in losses.FACE_REGIONS.items()}
-    copy = {}  # the floor of a model that moves nothing: another frame of the same clip
-    if len(test[0].frames) > 1:
-        src = np.concatenate([np.repeat(c.frames[:1], len(c.frames), 0) for c in test])
-        copy = region_psnr(to_signed_float(src), held_out, masks)
+    # The floor of a model that moves nothing: the clip's first frame (skipped in self mode
+    # when every held-out frame is a clip's first).
+    copy = region_psnr(sources, held_out, masks) if cross or len(test[0].frames) > 1 else {}
 
+    if args.pairs not in {"ae": ("self",), "ae_motion": ("cross",)}.get(args.net, PAIRS):
+        raise ValueError(f"--net {args.net} does not do --pairs {args.pairs} (ae: self; "
+                         "ae_motion: cross; stage1: both)")
     model = build(args, config)
     if args.optim == "adam":
         tx = optax.adam(args.lr)
     else:
         config.optim.lr = args.lr
         tx = optim.build_optimizer(config.optim, args.steps)
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    wrt = nnx.Param
+    if cross and config.model.motion.pretrained_pose and config.model.motion.freeze_pretrained_pose:
+        wrt = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("pose_net")))
+    opt = nnx.Optimizer(model, tx, wrt=wrt)
     graphdef, state = nnx.split((model, opt))
     ema = nnx.state(model, nnx.Param) if args.ema else None
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -156,13 +226,13 @@ def run(args, config, log=print) -> list[dict]:
         f"{len(frames)} train frames, {len(held_out)} held-out frames")
 
     @jax.jit
-    def step(state, ema, x):
+    def step(state, ema, x, target):
         model, opt = nnx.merge(graphdef, state)
 
         def loss_fn(m):
-            return losses.l1_loss(m(x), x)
+            return losses.l1_loss(m(x, target) if cross else m(x), target)
 
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
         opt.update(model, grads)
         if ema is not None:
             ema = jax.tree.map(lambda e, p: args.ema * e + (1 - args.ema) * p, ema,
@@ -170,23 +240,30 @@ def run(args, config, log=print) -> list[dict]:
         return nnx.state((model, opt)), ema, loss
 
     @jax.jit
-    def predict(state, ema, x):
+    def predict(state, ema, x, driving):
         model, _ = nnx.merge(graphdef, state)
         if ema is not None:
             nnx.update(model, ema)
-        return model(x)
+        return model(x, driving) if cross else model(x)
 
     def evaluate():
-        pred = np.concatenate([np.asarray(predict(state, ema, held_out[i:i + 64]))
-                               for i in range(0, len(held_out), 64)])
+        inputs = sources if cross else held_out
+        pred = np.concatenate([
+            np.asarray(predict(state, ema, inputs[i:i + 64], held_out[i:i + 64]))
+            for i in range(0, len(held_out), 64)])
         return pred, region_psnr(pred, held_out, masks)
 
     rng = np.random.default_rng(args.seed)
     records, trained_s, window = [], 0.0, []
     for s in range(1, args.steps + 1):
-        x = to_signed_float(frames[rng.integers(0, len(frames), args.batch_size)])
+        drive = rng.integers(0, len(frames), args.batch_size)
+        src = drive
+        if cross:  # another frame of the same clip (the frame itself for --self_fraction)
+            other = drive - drive % per_clip + rng.integers(0, per_clip, args.batch_size)
+            src = np.where(rng.random(args.batch_size) < args.self_fraction, drive, other)
+        x, target = to_signed_float(frames[src]), to_signed_float(frames[drive])
         t0 = time.perf_counter()
-        state, ema, loss = step(state, ema, x)
+        state, ema, loss = step(state, ema, x, target)
         window.append(float(loss))
         trained_s += time.perf_counter() - t0
         if s % args.eval_every == 0 or s == args.steps:
@@ -202,7 +279,7 @@ def run(args, config, log=print) -> list[dict]:
                                                             for k, v in copy.items()))
     if args.figure:
         _save_figure(args.figure, held_out, pred)
-    return records
+    return {"records": records, "copy": copy}
 
 
 def _save_figure(path: str, target: np.ndarray, pred: np.ndarray, n: int = 8) -> None:
@@ -223,12 +300,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a SynthTalk dataset (train and test splits)")
-    p.add_argument("--net", choices=("ae", "stage1"), default="stage1")
+    p.add_argument("--net", choices=("ae", "ae_motion", "stage1"), default="stage1")
     p.add_argument("--parts", default="", help=f"comma-separated subset of {PARTS}")
     p.add_argument("--config", default="configs/face_latent.py:size=tiny")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--optim", choices=("adam", "config"), default="adam")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--pairs", choices=PAIRS, default="self",
+                   help="self: reconstruct each frame from itself; cross: drive a clip's "
+                   "frame from another of its frames (the whole model)")
+    p.add_argument("--self_fraction", type=float, default=0.0,
+                   help="--pairs cross: share of training pairs whose source is the target")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the evaluated weights")
     p.add_argument("--steps", type=int, default=1300)
     p.add_argument("--batch_size", type=int, default=4)
@@ -248,12 +330,12 @@ def main(argv=None) -> int:
         layers.standardize_kernel = lambda kernel, eps=1e-5: kernel.astype(jnp.float32)
     try:
         config = configs.load(args.config, **parse_overrides(args.set))
-        records = run(args, config)
+        result = run(args, config)
     except ValueError as e:
         p.error(str(e))
     if args.out:
         with open(args.out, "a") as f:
-            f.write(json.dumps({"settings": vars(args), "records": records}) + "\n")
+            f.write(json.dumps({"settings": vars(args), **result}) + "\n")
     return 0
 
 

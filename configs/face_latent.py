@@ -34,9 +34,11 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
         dict(channels=pick(16, 64, 96), depth=pick(8, 16, 16), size=pick(16, 64, 64))
     )
     # E_app: 7x7 stem, one downsampling 2-D resblock per entry, then 3-D resblocks.
+    # depth_sigma > 0: a learnt depth gate (face_encoders.DepthGate) starts the posed volume
+    # on a thin band (this width, normalised units) at the volume centre; 0 = no gate.
     m.app = ml_collections.ConfigDict(
         dict(stem=pick(16, 64, 64), channels=pick((32, 64), (128, 256), (128, 256, 512)),
-             blocks_3d=pick(1, 4, 6))
+             blocks_3d=pick(1, 4, 6), depth_sigma=0.0)
     )
     # E_id: ResNet-style stages (the first block of each halves the map) -> z_id.
     m.id = ml_collections.ConfigDict(
@@ -69,11 +71,14 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
              freeze_pretrained_pose=True)
     )
     # Warping generators (w_s->c and w_c->d, one each): MLP -> seed volume -> adaptive
-    # upsampling 3-D resblocks (one per entry) -> tanh-bounded flow.
+    # upsampling 3-D resblocks (one per entry) -> tanh-bounded flow. pivot_depth: the head
+    # rotates about a point this far behind the volume centre (half-sides; models.warping).
+    # On SynthTalk's face crops the face surface sits 1.0-1.2 half-sides in front of the
+    # rotation centre; 1.0 did not train faster than 0 in 400 steps (docs/experiments.md).
     m.warp = ml_collections.ConfigDict(
         dict(seed_channels=pick(32, 256, 512),
              channels=pick((16,), (256, 128, 64, 32), (512, 256, 128, 64)),
-             hidden=pick(64, 512, 512), max_flow=0.25)
+             hidden=pick(64, 512, 512), max_flow=0.25, pivot_depth=0.0)
     )
     # G3D: 3-D U-Net, one level per entry (each deeper level halves D, H, W).
     m.g3d = ml_collections.ConfigDict(
@@ -141,6 +146,9 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
         f"{v.depth}x{v.size}x{v.size}",
     )
     check(0 < m.warp.max_flow <= 2, f"model.warp.max_flow must be in (0, 2], got {m.warp.max_flow}")
+    check(m.app.depth_sigma >= 0, f"model.app.depth_sigma must be >= 0, got {m.app.depth_sigma}")
+    check(0 <= m.warp.pivot_depth <= 4,
+          f"model.warp.pivot_depth must be in [0, 4] half-sides, got {m.warp.pivot_depth}")
     levels = len(m.g3d.channels) - 1
     check(
         levels >= 0 and v.depth % 2**levels == 0 and v.size % 2**levels == 0,

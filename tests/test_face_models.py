@@ -183,6 +183,58 @@ def test_pose_matrices_are_inverse_and_rotations_orthonormal():
     np.testing.assert_allclose(r @ [1, 0, 0], [np.cos(0.5), 0, -np.sin(0.5)], atol=1e-6)
 
 
+def test_pose_rotates_about_the_pivot_behind_the_volume_centre():
+    rng = np.random.default_rng(1)
+    pose = np.concatenate(
+        [rng.uniform(-1, 1, (4, 3)), rng.uniform(-0.3, 0.3, (4, 3)), rng.uniform(0.8, 1.2, (4, 1))],
+        axis=1,
+    ).astype(np.float32)
+    fwd, inv = warping.pose_matrix(pose, 1.0), warping.inverse_pose_matrix(pose, 1.0)
+    last_row = np.tile([[[0, 0, 0, 1]]], (4, 1, 1))
+    homog = lambda m: np.concatenate([np.asarray(m), last_row], axis=1)  # noqa: E731
+    np.testing.assert_allclose(homog(fwd) @ homog(inv), np.tile(np.eye(4), (4, 1, 1)), atol=1e-5)
+    # Without translation and scale the pivot (0, 0, -1) stays where it is, whatever the
+    # rotation, while the volume centre swings about it (yaw 0.5: x = sin(0.5)).
+    pose[:, 3:6], pose[:, 6] = 0.0, 1.0
+    fwd = np.asarray(warping.pose_matrix(pose, 1.0))
+    np.testing.assert_allclose(fwd[:, :, :3] @ [0, 0, -1] + fwd[:, :, 3], [[0, 0, -1]] * 4,
+                               atol=1e-5)
+    yaw = np.asarray(warping.pose_matrix(jnp.asarray([[0.5, 0, 0, 0, 0, 0, 1.0]]), 1.0))[0]
+    np.testing.assert_allclose(yaw[:, 3], [np.sin(0.5), 0, np.cos(0.5) - 1], atol=1e-6)
+
+
+def test_depth_gate_starts_on_a_thin_central_band_and_learns():
+    from vasa_jax.models.face_encoders import DepthGate
+
+    gate = DepthGate(8, 8, 0.2, rngs=nnx.Rngs(0))
+    volume = jnp.ones((2, 8, 4, 4, 8))
+    out = np.asarray(gate(volume))
+    assert out.shape == volume.shape
+    profile = out[0, :, 0, 0, 0]  # [D]: the untrained gate is the prior
+    np.testing.assert_allclose(profile.sum(), 8.0, rtol=1e-4)  # D * softmax sums to D
+    assert profile[3] > 3.0 and profile[4] > 3.0, profile  # the two central slices
+    assert profile[0] < 1e-3 and profile[-1] < 1e-3, profile
+    np.testing.assert_allclose(profile, profile[::-1], rtol=1e-2)  # symmetric about z = 0
+    # The per-voxel logits get gradient: the gate can move the surface.
+    features = jax.random.normal(jax.random.key(0), volume.shape)  # differ along depth
+    weights = jnp.arange(8.0)[None, :, None, None, None]
+    grads = nnx.grad(lambda g: jnp.sum(g(features) * weights))(gate)
+    assert float(jnp.abs(grads.logit.kernel.get_value()).sum()) > 0
+
+
+def test_pivot_and_depth_gate_options_reach_the_model():
+    cfg = configs.load("configs/face_latent.py:size=tiny", **{
+        "model__warp__pivot_depth": 1.0, "model__app__depth_sigma": 0.2}).model
+    model = face_latent.abstract_model(cfg)
+    assert model.warp_to_canonical.pivot_depth == 1.0
+    assert model.decoder.warp.pivot_depth == 1.0
+    assert model.app_encoder.depth_gate is not None
+    default = face_latent.abstract_model(configs.load("configs/face_latent.py:size=tiny").model)
+    assert default.app_encoder.depth_gate is None and default.decoder.warp.pivot_depth == 0.0
+    with pytest.raises(ConfigError, match="depth_sigma"):
+        configs.load("configs/face_latent.py:size=tiny", model__app__depth_sigma=-1.0)
+
+
 def test_bound_pose_ranges():
     raw = jnp.asarray([[0.0] * 7, [50.0] * 7, [-50.0] * 7])
     pose = np.asarray(

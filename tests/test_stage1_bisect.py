@@ -48,7 +48,20 @@ def test_stage1_path_with_every_part_trains(data, tmp_path):
     assert np.isfinite(records[1]["psnr/frame"])
 
 
+def test_reenactment_baseline_trains_on_cross_pairs(data, tmp_path):
+    run = _run(data, tmp_path, "--net", "ae_motion", "--ae_width", "32", "--pairs", "cross")
+    records = run["records"]
+    assert records[1]["loss"] < records[0]["loss"]
+    assert records[1]["psnr/frame"] > 12.0, records
+    # The floor: each held-out clip's first frame copied onto its other frames (not onto
+    # itself, which would be exact).
+    assert 5.0 < run["copy"]["frame"] < 60.0, run["copy"]
+
+
 def test_bad_parts_are_a_clear_error(data, capsys):
     with pytest.raises(SystemExit):
         stage1_bisect.main(["--data", data, "--parts", "warp,g3d"])
     assert "unknown ['warp']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the plain autoencoder sees no driving frame
+        stage1_bisect.main(["--data", data, "--net", "ae", "--pairs", "cross"])
+    assert "does not do --pairs cross" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vasa_jax.models import layers, warping
@@ -168,6 +169,32 @@ class MotionEncoder(nnx.Module):
         return self.pose(images), self.dynamics(images)
 
 
+class DepthGate(nnx.Module):
+    """Concentrates a volume on a band of depth: v * D * softmax_d(prior_d + a(v)).
+
+    volume [B, D, H, W, C] -> same shape. prior_d = -z_d^2 / (2 sigma^2) at the slice
+    centres z_d in (-1, 1) (normalised volume units, as models.warping); a(v) is a per-voxel
+    logit from the voxel's features, initialised near zero, so an untrained gate puts the
+    face on a thin surface at the volume centre (the rigid warps then move it as a surface
+    and not as a smear over depth, see configs/face_latent.py model.app.depth_sigma), and
+    training carves the surface from the features.
+    """
+
+    def __init__(self, channels: int, depth: int, sigma: float, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        z = (2.0 * np.arange(depth) + 1.0) / depth - 1.0
+        self.prior = tuple(float(p) for p in -np.square(z) / (2.0 * sigma**2))  # static
+        self.logit = layers.Dense(channels, 1, init_scale=1e-3, names=("embed", None),
+                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, volume: jax.Array) -> jax.Array:
+        depth = volume.shape[1]
+        logits = self.logit(volume)[..., 0].astype(jnp.float32)  # [B, D, H, W]
+        logits = logits + jnp.asarray(self.prior, jnp.float32)[None, :, None, None]
+        weight = depth * jax.nn.softmax(logits, axis=1)
+        return volume * weight[..., None].astype(volume.dtype)
+
+
 class AppearanceEncoder(nnx.Module):
     """E_app: image -> posed appearance volume [B, D, H, W, C] (MegaPortraits' v_s).
 
@@ -186,6 +213,7 @@ class AppearanceEncoder(nnx.Module):
         volume_channels: int,
         blocks_3d: int,
         groups: int,
+        depth_sigma: float = 0.0,
         remat: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -215,6 +243,8 @@ class AppearanceEncoder(nnx.Module):
             )
             for _ in range(blocks_3d)
         ])
+        self.depth_gate = (DepthGate(volume_channels, depth, depth_sigma, **kw)
+                           if depth_sigma > 0 else None)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """images [B, S, S, 3] -> posed volume [B, D, H, W, C]."""
@@ -229,7 +259,7 @@ class AppearanceEncoder(nnx.Module):
         x = x.reshape(b, h, w, depth, self.volume_channels).transpose(0, 3, 1, 2, 4)
         for block in self.blocks_3d:
             x = block(x)
-        return x
+        return x if self.depth_gate is None else self.depth_gate(x)
 
 
 class CanonicalVolumeGenerator(nnx.Module):

@@ -54,7 +54,7 @@ def warp_kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     w = cfg.warp
     return dict(
         seed_channels=w.seed_channels, channels=tuple(w.channels), hidden=w.hidden,
-        max_flow=w.max_flow,
+        max_flow=w.max_flow, pivot_depth=w.get("pivot_depth", 0.0),
     )
 
 
@@ -90,7 +90,8 @@ class FaceLatentModel(nnx.Module):
         self.app_encoder = face_encoders.AppearanceEncoder(
             image_size=cfg.image_size, stem=cfg.app.stem, channels=tuple(cfg.app.channels),
             volume_shape=volume_shape, volume_channels=v.channels, blocks_3d=cfg.app.blocks_3d,
-            groups=cfg.groups, remat=cfg.remat, **kw,
+            groups=cfg.groups, depth_sigma=cfg.app.get("depth_sigma", 0.0), remat=cfg.remat,
+            **kw,
         )
         self.id_encoder = face_encoders.IdentityEncoder(
             image_size=cfg.image_size, input_size=cfg.id.input_size, stem=cfg.id.stem,
