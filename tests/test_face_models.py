@@ -164,16 +164,26 @@ def test_motion_encoder_pools(pool):
                       out_dim=3, groups=2, pool="max", rngs=nnx.Rngs(0))
 
 
-def test_pose_matrices_are_inverse_and_rotations_orthonormal():
-    rng = np.random.default_rng(0)
-    pose = np.concatenate(
-        [rng.uniform(-1, 1, (4, 3)), rng.uniform(-0.3, 0.3, (4, 3)), rng.uniform(0.8, 1.2, (4, 1))],
+def _random_poses(seed: int, n: int = 4) -> np.ndarray:
+    """[n, 7] poses: angles in [-1, 1] rad, translations in [-0.3, 0.3], scale in [0.8, 1.2]."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate(
+        [rng.uniform(-1, 1, (n, 3)), rng.uniform(-0.3, 0.3, (n, 3)), rng.uniform(0.8, 1.2, (n, 1))],
         axis=1,
     ).astype(np.float32)
-    fwd, inv = warping.pose_matrix(pose), warping.inverse_pose_matrix(pose)
-    last_row = np.tile([[[0, 0, 0, 1]]], (4, 1, 1))
+
+
+def _assert_inverse(fwd, inv):
+    """[B, 3, 4] affine matrices that compose to the identity."""
+    last_row = np.tile([[[0, 0, 0, 1]]], (len(fwd), 1, 1))
     homog = lambda m: np.concatenate([np.asarray(m), last_row], axis=1)  # noqa: E731
-    np.testing.assert_allclose(homog(fwd) @ homog(inv), np.tile(np.eye(4), (4, 1, 1)), atol=1e-5)
+    np.testing.assert_allclose(homog(fwd) @ homog(inv), np.tile(np.eye(4), (len(fwd), 1, 1)),
+                               atol=1e-5)
+
+
+def test_pose_matrices_are_inverse_and_rotations_orthonormal():
+    pose = _random_poses(0)
+    _assert_inverse(warping.pose_matrix(pose), warping.inverse_pose_matrix(pose))
     rot = np.asarray(warping.rotation_matrix(*pose[:, :3].T))
     eye = np.tile(np.eye(3), (4, 1, 1))
     np.testing.assert_allclose(rot @ np.swapaxes(rot, 1, 2), eye, atol=1e-5)
@@ -184,15 +194,8 @@ def test_pose_matrices_are_inverse_and_rotations_orthonormal():
 
 
 def test_pose_rotates_about_the_pivot_behind_the_volume_centre():
-    rng = np.random.default_rng(1)
-    pose = np.concatenate(
-        [rng.uniform(-1, 1, (4, 3)), rng.uniform(-0.3, 0.3, (4, 3)), rng.uniform(0.8, 1.2, (4, 1))],
-        axis=1,
-    ).astype(np.float32)
-    fwd, inv = warping.pose_matrix(pose, 1.0), warping.inverse_pose_matrix(pose, 1.0)
-    last_row = np.tile([[[0, 0, 0, 1]]], (4, 1, 1))
-    homog = lambda m: np.concatenate([np.asarray(m), last_row], axis=1)  # noqa: E731
-    np.testing.assert_allclose(homog(fwd) @ homog(inv), np.tile(np.eye(4), (4, 1, 1)), atol=1e-5)
+    pose = _random_poses(1)
+    _assert_inverse(warping.pose_matrix(pose, 1.0), warping.inverse_pose_matrix(pose, 1.0))
     # Without translation and scale the pivot (0, 0, -1) stays where it is, whatever the
     # rotation, while the volume centre swings about it (yaw 0.5: x = sin(0.5)).
     pose[:, 3:6], pose[:, 6] = 0.0, 1.0
