@@ -24,8 +24,8 @@ the config's optimizer (AdamW b1 = 0.5, weight decay, clipping, cosine schedule)
 frame (the target) another frame of the same clip, through the whole FaceLatentModel (both
 warps with each frame's own pose, as train.py's recon term; --parts is ignored). Held-out
 pairs take each clip's first frame as the source; the floor printed at the end is copying
-that frame. With --set model.motion.pretrained_pose=P the pose net starts from that export
-and stays frozen (model.motion.freeze_pretrained_pose), as in train.py. Its baseline,
+that frame. With --set model.motion.pretrained_pose=P (either mode) the pose net starts
+from that export and stays frozen (model.motion.freeze_pretrained_pose), as in train.py. Its baseline,
 --net ae_motion, is the autoencoder on the source with its residual blocks modulated
 (FiLM) by a code read off the driving frame: no warps, no volume. --self_fraction F makes
 that share of the training pairs self-reconstructions.
@@ -54,6 +54,7 @@ from vasa_jax import losses, optim
 from vasa_jax.evaluate import face_latent as evaluator
 from vasa_jax.models import layers
 from vasa_jax.models.face_latent import FaceLatentModel
+from vasa_jax.trainers.face_latent import trainable_params
 
 PARTS = ("blocks3d", "warp_sc", "g3d", "warp_cd")
 PAIRS = ("self", "cross")
@@ -97,7 +98,6 @@ class MotionAutoencoder(nnx.Module):
         self.motion = nnx.List([nnx.Conv(3, w // 8, (4, 4), strides=2, rngs=rngs),
                                 nnx.Conv(w // 8, w // 4, (4, 4), strides=2, rngs=rngs),
                                 nnx.Conv(w // 4, w // 2, (4, 4), strides=2, rngs=rngs)])
-        self.code_dim = code_dim
         self.to_code = nnx.Linear(8 * 8 * (w // 2), code_dim, rngs=rngs)
         self.film = nnx.List([nnx.Linear(code_dim, 2 * w, rngs=rngs) for _ in self.ae.res])
 
@@ -159,7 +159,7 @@ def build(args, config):
     if "blocks3d" not in parts:
         config.model.app.blocks_3d = 0
     net = Stage1Path(config.model, parts, rngs=rngs)
-    if args.pairs == "cross" and config.model.motion.pretrained_pose:
+    if config.model.motion.pretrained_pose:
         from vasa_jax.models.face_pose import load_pose_params
 
         nnx.update(net.model.motion_encoder.pose_net,
@@ -215,9 +215,7 @@ def run(args, config, log=print) -> dict:
     else:
         config.optim.lr = args.lr
         tx = optim.build_optimizer(config.optim, args.steps)
-    wrt = nnx.Param
-    if cross and config.model.motion.pretrained_pose and config.model.motion.freeze_pretrained_pose:
-        wrt = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("pose_net")))
+    wrt = trainable_params(config)  # the trainer's: without a frozen pre-trained pose net
     opt = nnx.Optimizer(model, tx, wrt=wrt)
     graphdef, state = nnx.split((model, opt))
     ema = nnx.state(model, nnx.Param) if args.ema else None
