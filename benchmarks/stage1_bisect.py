@@ -293,7 +293,6 @@ def _save_figure(path: str, target: np.ndarray, pred: np.ndarray, n: int = 8) ->
 
 
 def main(argv=None) -> int:
-    from scripts.probe_ceiling import parse_overrides
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -327,7 +326,7 @@ def main(argv=None) -> int:
     if args.no_ws:
         layers.standardize_kernel = lambda kernel, eps=1e-5: kernel.astype(jnp.float32)
     try:
-        config = configs.load(args.config, **parse_overrides(args.set))
+        config = configs.load(args.config, **configs.parse_overrides(args.set))
         result = run(args, config)
     except ValueError as e:
         p.error(str(e))

@@ -7,6 +7,7 @@ On the command line configs come through absl's config_flags (see train.py). Fro
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import os
@@ -57,3 +58,19 @@ def load(spec: str, **overrides) -> ml_collections.ConfigDict:
         except AttributeError as e:
             raise ConfigError(f"unknown config field {key.replace('__', '.')!r}") from e
     return validate(config)
+
+
+def parse_overrides(items) -> dict:
+    """["model.motion.input_size=128", ...] -> {"model__motion__input_size": 128} for
+    configs.load. Values are Python literals, or strings when they do not parse as one."""
+    overrides = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            raise ValueError(f"--set needs FIELD=VALUE, got {item!r}")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a plain string
+        overrides[field.replace(".", "__")] = value
+    return overrides

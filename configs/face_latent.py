@@ -62,6 +62,13 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
              # --targets mouth_open, batch 16, 3000 steps), the tiny net reads it at held-out
              # R^2 0.68 without GroupNorm and 0.08 with it.
              dyn_groups=ml_collections.config_dict.placeholder(int),
+             # Pooling of the dynamics net alone (None: `pool`).
+             dyn_pool=ml_collections.config_dict.placeholder(str),
+             # Widths (fractions of the frame) of the eye and mouth glimpses the dynamics
+             # net reads instead of the whole frame (face_encoders.MotionEncoder); () = the
+             # whole frame. The pose net then also locates the two regions: it must be
+             # pre-trained (pretrained_pose) on data with schema.BOX_LABELS.
+             glimpse_widths=(),
              # A `python -m vasa_jax.models.face_pose train` export: the pose net starts
              # from it (MegaPortraits pre-trains its head-pose estimator). "" = random init.
              pretrained_pose="",
@@ -167,6 +174,14 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
             f"2^{len(e.channels) + 1}",
         )
     common.check_choice(m.motion.pool, ("mean", "flatten"), "model.motion.pool")
+    check(len(m.motion.glimpse_widths) in (0, 2)
+          and all(0.0 < w <= 1.0 for w in m.motion.glimpse_widths),
+          f"model.motion.glimpse_widths must be () or (eyes, mouth) widths in (0, 1], got "
+          f"{m.motion.glimpse_widths}")
+    check(not m.motion.glimpse_widths or m.image_size % 2 == 0,
+          "model.motion.glimpse_widths: the two glimpses split image_size rows in half")
+    if m.motion.dyn_pool is not None:
+        common.check_choice(m.motion.dyn_pool, ("mean", "flatten"), "model.motion.dyn_pool")
     angles = tuple(m.motion.max_angles_deg)
     check(
         len(angles) == 3 and all(0 < a <= 180 for a in angles),

@@ -26,7 +26,6 @@ split, --frames_per_clip frames each, held in memory; no augmentation.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -144,22 +143,6 @@ def run(config, data: str, *, steps: int, batch_size: int, lr: float, eval_every
     return records
 
 
-def parse_overrides(items) -> dict:
-    """["model.motion.input_size=128", ...] -> {"model__motion__input_size": 128} for
-    configs.load. Values are Python literals, or strings when they do not parse as one."""
-    overrides = {}
-    for item in items:
-        field, sep, value = item.partition("=")
-        if not sep or not field:
-            raise ValueError(f"--set needs FIELD=VALUE, got {item!r}")
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass  # a plain string
-        overrides[field.replace(".", "__")] = value
-    return overrides
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,7 +170,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(f"--targets: {e}")
     try:
-        config = configs.load(args.config, **parse_overrides(args.set))
+        config = configs.load(args.config, **configs.parse_overrides(args.set))
     except ValueError as e:  # configs.ConfigError included
         p.error(str(e))
     records = run(config, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

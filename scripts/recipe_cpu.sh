@@ -22,6 +22,8 @@ METER_STEPS="${METER_STEPS:-1500}"
 IDS="${IDS:-32}"
 CLIPS="${CLIPS:-9}"
 D="$W/synthtalk"
+# The dynamics encoder reads zoomed eye and mouth glimpses located by the pose net.
+GLIMPSES="(0.65,0.4)"
 
 stamp() { echo "recipe [$(date +%H:%M:%S)] $*"; }
 
@@ -38,14 +40,16 @@ if [ ! -f "$W/meter/expression_meter.json" ]; then
 fi
 
 if [ ! -f "$W/pose/face_pose.json" ]; then
-  stamp "head-pose net (2500 steps; frozen in stage 1)"
-  $PY -m vasa_jax.models.face_pose train --data "$D" --out "$W/pose" --steps 2500
+  stamp "head-pose and landmark net (2500 steps; frozen in stage 1)"
+  $PY -m vasa_jax.models.face_pose train --data "$D" --out "$W/pose" --steps 2500 \
+    --set model.motion.glimpse_widths="$GLIMPSES"
 fi
 
 stamp "stage 1 ($STAGE1_STEPS steps)"
 JAX_NUM_CPU_DEVICES=2 $PY train.py --config configs/face_latent.py:size=tiny --workdir "$W/face" \
   --config.data.path="$D" --config.seed="$SEED" --config.optim.lr=1e-3 \
   --config.model.motion.pretrained_pose="$W/pose" \
+  --config.model.motion.glimpse_widths="$GLIMPSES" \
   --config.train.total_steps="$STAGE1_STEPS" --config.loss.gan_start_step="$STAGE1_STEPS" \
   --config.data.batch_size=4 --config.loss.consist_fraction=0.5 \
   --config.loss.consist_weight="$CONSIST_WEIGHT" \

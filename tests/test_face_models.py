@@ -502,6 +502,65 @@ def test_motion_encoder_dyn_groups_changes_only_the_dynamics_net():
     assert z_pose.shape == (2, 7) and z_dyn.shape == (2, cfg.motion.dyn_dim)
 
 
+def test_glimpse_image_zooms_on_each_region_centre():
+    from vasa_jax.models.face_encoders import glimpse_image
+
+    s = 64
+    # x and y ramps in the first two channels: a band's pixel shows where it was sampled.
+    ramp = (np.arange(s) + 0.5) / s
+    img = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 0.0 * ramp[None, :]), -1)
+    images = jnp.asarray(np.stack([img, img])[..., :3], jnp.float32)
+    centres = jnp.asarray([[[0.5, 0.3], [0.5, 0.7]], [[0.3, 0.35], [0.6, 0.65]]], jnp.float32)
+    widths = (0.5, 0.25)
+    out = np.asarray(glimpse_image(images, centres, widths))
+    assert out.shape == (2, s, s, 3)
+    rows = s // 2
+    for b in range(2):
+        for k, width in enumerate(widths):
+            band = out[b, k * rows:(k + 1) * rows]
+            cx, cy = np.asarray(centres[b, k])
+            # The band's middle is the region centre; its extent is the requested window.
+            np.testing.assert_allclose(band[rows // 2 - 1:rows // 2 + 1, s // 2 - 1:s // 2 + 1,
+                                            :2].mean(axis=(0, 1)), [cx, cy], atol=1e-3)
+            np.testing.assert_allclose(band[0, -1, 0] - band[0, 0, 0],
+                                       width * (s - 1) / s, atol=2e-3)
+            np.testing.assert_allclose(band[-1, 0, 1] - band[0, 0, 1],
+                                       0.5 * width * (rows - 1) / rows, atol=2e-3)
+    with pytest.raises(ValueError, match="centres"):
+        glimpse_image(images, centres[:, :1], widths)
+
+
+def test_motion_encoder_glimpses_read_only_the_located_regions():
+    cfg = configs.load("configs/face_latent.py:size=tiny",
+                       model__motion__glimpse_widths=(0.5, 0.25)).model
+    enc = face_latent.motion_encoder(cfg, rngs=nnx.Rngs(0))
+    # The pose net also outputs the eye and mouth centres.
+    assert enc.pose_net.head.out_features == warping.POSE_DIM + 4
+    s = cfg.image_size
+    x = jax.random.uniform(jax.random.key(0), (2, s, s, 3), minval=-1)
+    z_pose, z_dyn = enc(x)
+    centres = enc.landmarks(x)
+    assert z_pose.shape == (2, 7) and z_dyn.shape == (2, cfg.motion.dyn_dim)
+    assert centres.shape == (2, 2, 2)
+    assert bool(jnp.all((centres > 0) & (centres < 1)))
+    np.testing.assert_allclose(enc.dynamics(x, centres), z_dyn, rtol=1e-5, atol=1e-5)
+    # Fixed centres: pixels outside both windows do not reach z_dyn; inside they do.
+    c = jnp.asarray([[[0.5, 0.3], [0.5, 0.75]]] * 2, jnp.float32)
+    far = x.at[:, :, :4].set(1.0)  # the left 4 columns: outside both windows
+    np.testing.assert_allclose(enc.dynamics(far, c), enc.dynamics(x, c), atol=1e-6)
+    mouth = x.at[:, 46:50, 28:36].set(1.0)  # inside the mouth window
+    assert float(jnp.max(jnp.abs(enc.dynamics(mouth, c) - enc.dynamics(x, c)))) > 1e-4
+    with pytest.raises(ValueError, match="glimpse_widths"):
+        face_latent.motion_encoder(configs.load("configs/face_latent.py:size=tiny").model,
+                                   rngs=nnx.Rngs(0)).landmarks(x)
+
+
+@pytest.mark.parametrize("widths", [(0.5,), (0.0, 0.5), (0.5, 1.5)])
+def test_glimpse_widths_are_validated(widths):
+    with pytest.raises(ConfigError, match="glimpse_widths"):
+        configs.load("configs/face_latent.py:size=tiny", model__motion__glimpse_widths=widths)
+
+
 def test_dyn_modulation_routes_z_dyn_through_g2d():
     """decoder.dyn_modulation: G2D's norms are adaptive on z_dyn, so z_dyn reaches the pixels
     even when the warp ignores it (its flow generator's cond projection zeroed here)."""

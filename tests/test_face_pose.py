@@ -105,3 +105,47 @@ def test_frozen_pose_net_is_left_out_of_the_optimizer(trained, freeze):
     assert any("pose_net" in p for p in paths) == (not freeze)
     stage = face_latent.make_stage(config)
     assert ("labels" in stage.batch_keys) == (not freeze)
+
+
+def test_glimpse_landmarks_are_learnt_with_the_pose_and_required_by_stage1(trained, tmp_path):
+    """With model.motion.glimpse_widths the pose net also learns the eye and mouth centres
+    (box labels); its export is a different architecture from a pose-only one, and stage 1
+    refuses glimpses without such a fixed pre-trained net."""
+    from data_pipeline import schema
+
+    _, pose_only, _ = trained
+    data, out = str(tmp_path / "data"), str(tmp_path / "pose_glimpse")
+    testdata.make_dataset(data, identities=4, clips_per_identity=4, seconds=2.0, size=64,
+                          test_clips_per_identity=1,
+                          labels=[*schema.LABELS, *schema.BOX_LABELS])
+    assert face_pose.main(["train", "--data", data, "--out", out, "--steps", "150",
+                           "--batch_size", "8", "--lr", "2e-3", "--num_workers", "0",
+                           "--set", "model.motion.glimpse_widths=(0.6,0.4)",
+                           "--set", "data.aug.shift=0.0", "--set", "data.aug.scale=0.0"]) == 0
+    with open(os.path.join(out, face_pose.CONFIG_FILE)) as f:
+        meta = json.load(f)
+    assert meta["arch"]["landmarks"] == ["eyes_box", "mouth_box"]
+    err = meta["metrics"]["test_landmark_px"]
+    assert set(err) == {"eyes", "mouth"}
+    # Against always answering the mean centre of the held-out frames (the head moves the
+    # regions by several pixels).
+    from data_pipeline import loaders
+    frames = loaders.read_frames(data, "test", 64, frames_per_clip=16, max_clips=2000)
+    target = np.asarray(face_pose.box_centres(frames.labels))
+    mean_only = face_pose.landmark_error(
+        np.broadcast_to(target.mean(axis=0), target.shape), target, 64)
+    for region in err:
+        assert err[region] < 0.7 * mean_only[region], (err, mean_only)
+
+    glimpse = dict(model__motion__glimpse_widths=(0.6, 0.4))
+    with pytest.raises(ValueError, match="landmarks"):
+        face_pose.load_pose_params(pose_only, configs.load(CONFIG, **glimpse).model)
+    face_pose.load_pose_params(out, configs.load(CONFIG, **glimpse).model)
+    with pytest.raises(ValueError, match="pre-trained"):
+        face_latent.make_stage(configs.load(CONFIG, data__path=data, **glimpse))
+    config = configs.load(CONFIG, data__path=data, model__motion__pretrained_pose=out,
+                          **glimpse)
+    face_latent.make_stage(config)  # accepted: a fixed pre-trained pose + landmark net
+    params = face_pose.load_pose_params(out, config.model)
+    ts = nnx.eval_shape(lambda: face_latent.TrainState(config, params))
+    assert not any("pose_net" in p for p in _opt_paths(ts))

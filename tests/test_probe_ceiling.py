@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import testdata
 
+import configs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -71,10 +73,10 @@ def test_targets_scale_gaze_and_name_missing_labels(data):
 
 def test_set_overrides_parse_literals_and_strings_and_reject_typos(data, capsys):
     script = _script()
-    assert script.parse_overrides(["model.motion.input_size=128", "model.motion.pool=mean"]) == {
+    assert configs.parse_overrides(["model.motion.input_size=128", "model.motion.pool=mean"]) == {
         "model__motion__input_size": 128, "model__motion__pool": "mean"}
     with pytest.raises(ValueError, match="FIELD=VALUE"):
-        script.parse_overrides(["model.motion.input_size"])
+        configs.parse_overrides(["model.motion.input_size"])
     with pytest.raises(SystemExit):
         script.main(["--data", data, "--set", "model.motion.input_sise=128"])
     assert "input_sise" in capsys.readouterr().err

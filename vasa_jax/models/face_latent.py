@@ -68,7 +68,8 @@ def motion_encoder(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs
         channels=tuple(m.channels), blocks=tuple(m.blocks), dyn_dim=m.dyn_dim,
         max_angles_deg=tuple(m.max_angles_deg), max_translation=m.max_translation,
         max_log_scale=m.max_log_scale, groups=cfg.groups, pool=m.pool,
-        dyn_groups=m.get("dyn_groups"), **dtypes(cfg),
+        dyn_groups=m.get("dyn_groups"), dyn_pool=m.get("dyn_pool"),
+        glimpse_widths=tuple(m.get("glimpse_widths", ())), **dtypes(cfg),
         rngs=rngs,
     )
 

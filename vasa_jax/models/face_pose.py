@@ -11,13 +11,14 @@ parameters drop into `motion_encoder.pose_net`):
     images [B, S, S, 3] -> MotionEncoder.pose -> z_pose [B, 7]
     loss = L1(yaw, pitch, roll; label angles in radians)
          + L1(tx, ty, tz, log scale; 0)      no labels: start from the identity framing
+         + L1(landmarks; eye / mouth box centres)     with model.motion.glimpse_widths
 
 Frames come from the stage-1 loader (source, driving and cross frames: three labelled
 faces per example, with its scale/shift/colour jitter). Held-out evaluation: R^2 of each
 angle on the test split's frames (other clips of the training identities).
 
     python -m vasa_jax.models.face_pose train --config configs/face_latent.py:size=tiny \\
-        --data DIR --out OUT [--steps N] [--batch_size B] [--lr LR]
+        --data DIR --out OUT [--steps N] [--batch_size B] [--lr LR] [--set FIELD=VALUE]
 
 writes OUT/params (the pose net's parameters, `vasa_jax.checkpointing.export_params`) and
 OUT/face_pose.json (the model config's motion section, settings, metrics). Stage 1 uses it
@@ -42,7 +43,7 @@ from absl import logging
 from flax import nnx
 
 from vasa_jax import cli
-from vasa_jax.models import warping
+from vasa_jax.models import face_encoders, warping
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "face_pose.json"
@@ -69,7 +70,20 @@ def _arch(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     out = {k: m[k] for k in ARCH_FIELDS}
     out.update(channels=list(m.channels), blocks=list(m.blocks),
                image_size=int(model_cfg.image_size), groups=int(model_cfg.groups))
+    if m.get("glimpse_widths"):  # the net also locates the glimpse regions
+        out["landmarks"] = list(GLIMPSE_BOXES)
     return out
+
+
+# The box labels (schema.BOX_LABELS) whose centres are the landmark targets, in the order
+# of face_encoders.GLIMPSE_REGIONS.
+GLIMPSE_BOXES = tuple(f"{region}_box" for region in face_encoders.GLIMPSE_REGIONS)
+
+
+def box_centres(labels: Any) -> jax.Array:
+    """{name: boxes [B, 4] (x0, y0, x1, y1)} -> centres [B, R, 2] of GLIMPSE_BOXES."""
+    boxes = jnp.stack([jnp.asarray(labels[name]) for name in GLIMPSE_BOXES], axis=1)
+    return 0.5 * (boxes[..., :2] + boxes[..., 2:])
 
 
 def angle_r2(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
@@ -89,16 +103,30 @@ def pose_loss(z_pose: jax.Array, pose_labels: jax.Array) -> jax.Array:
     return angles + framing
 
 
-def predict_angles(encoder, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    """z_pose angles [N, 3] (radians) of images [N, S, S, 3], in fixed-size batches."""
+def predict(encoder, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The pose net's bounded outputs [N, 7 + 2R] (z_pose, then the landmarks flattened) of
+    images [N, S, S, 3], in fixed-size batches."""
     graphdef, state = nnx.split(encoder)
-    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).pose(x)[:, :3])
+
+    def outputs(s, x):
+        enc = nnx.merge(graphdef, s)
+        z_pose, centres = enc.split_pose_output(enc.pose_net(x))
+        return z_pose if centres is None else jnp.concatenate(
+            [z_pose, centres.reshape(len(x), -1)], axis=1)
+
+    fn = jax.jit(outputs)
     out = []
     for i in range(0, len(images), batch):
         x = images[i:i + batch]
         pad = np.zeros((batch - len(x),) + x.shape[1:], x.dtype)
         out.append(np.asarray(fn(state, np.concatenate([x, pad])))[:len(x)])
     return np.concatenate(out)
+
+
+def landmark_error(pred: np.ndarray, target: np.ndarray, size: int) -> dict[str, float]:
+    """Mean distance in pixels of predicted to label landmarks: [N, R, 2] x 2 -> per region."""
+    dist = np.linalg.norm((pred - target) * size, axis=-1).mean(axis=0)
+    return {name: float(d) for name, d in zip(face_encoders.GLIMPSE_REGIONS, dist)}
 
 
 def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
@@ -118,6 +146,11 @@ def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
     if "pose" not in labels:
         raise ValueError(f"{data_dir!r} has no `pose` labels (it has {labels}): the pose net "
                          "learns from them")
+    glimpses = bool(config.model.motion.get("glimpse_widths"))
+    if glimpses and any(n not in labels for n in GLIMPSE_BOXES):
+        raise ValueError(f"model.motion.glimpse_widths: the pose net learns to locate the "
+                         f"glimpse regions from {GLIMPSE_BOXES} labels, but {data_dir!r} has "
+                         f"{labels}")
     data_cfg = config.data.copy_and_resolve_references()
     data_cfg.unlock()
     data_cfg.update(path=data_dir, split="train", batch_size=settings.batch_size,
@@ -131,17 +164,15 @@ def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
     optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
     opt_state = optimizer.init(params)
 
-    def loss_fn(params, images, pose_labels):
+    def loss_fn(params, images, pose_labels, centres):
         net = nnx.merge(graphdef, params, rest)
-        raw = net(images)
-        z_pose = warping.bound_pose(raw, max_angles=encoder.max_angles,
-                                    max_translation=encoder.max_translation,
-                                    max_log_scale=encoder.max_log_scale)
-        return pose_loss(z_pose, pose_labels)
+        z_pose, pred = encoder.split_pose_output(net(images))
+        loss = pose_loss(z_pose, pose_labels)
+        return loss if pred is None else loss + jnp.mean(jnp.abs(pred - centres))
 
     @jax.jit
-    def train_step(params, opt_state, images, pose_labels):
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, pose_labels)
+    def train_step(params, opt_state, images, pose_labels, centres):
+        loss, grads = jax.value_and_grad(loss_fn)(params, images, pose_labels, centres)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -149,9 +180,11 @@ def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
     start, history = time.perf_counter(), []
     for step, batch in zip(range(1, settings.steps + 1), iter(ds)):
         images = np.concatenate([batch["source"], batch["driving"], batch["cross"]])
-        poses = np.concatenate([batch["labels"][k]["pose"] for k in ("source", "driving",
-                                                                    "cross")])
-        params, opt_state, loss = train_step(params, opt_state, images, poses)
+        frame_labels = [batch["labels"][k] for k in ("source", "driving", "cross")]
+        poses = np.concatenate([f["pose"] for f in frame_labels])
+        centres = (np.concatenate([box_centres(f) for f in frame_labels]) if glimpses
+                   else np.zeros((len(images), 0, 2), np.float32))
+        params, opt_state, loss = train_step(params, opt_state, images, poses, centres)
         if step % settings.log_every == 0 or step == settings.steps:
             history.append({"step": step, "loss": float(loss)})
             logging.info("face-pose step %d/%d: loss %.4f (%.1f steps/s)", step, settings.steps,
@@ -169,7 +202,12 @@ def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
             logging.warning("face-pose: %s has no %s split", data_dir, split)
             continue
         target = np.asarray(warping.angles_from_labels(jnp.asarray(frames.labels["pose"])))
-        metrics[f"{split}_r2"] = angle_r2(predict_angles(encoder, frames.images), target)
+        out = predict(encoder, frames.images)
+        metrics[f"{split}_r2"] = angle_r2(out[:, :3], target)
+        if glimpses:
+            pred = out[:, warping.POSE_DIM:].reshape(len(out), -1, 2)
+            metrics[f"{split}_landmark_px"] = landmark_error(
+                pred, np.asarray(box_centres(frames.labels)), int(config.model.image_size))
     logging.info("face-pose R^2: %s", metrics)
     meta = {
         "arch": _arch(config.model),
@@ -222,13 +260,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the stage-1 config whose pose net is trained")
     p.add_argument("--data", required=True, help="clip-record dataset folder")
     p.add_argument("--out", required=True, help="output folder (params + face_pose.json)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. model.motion.glimpse_widths=(0.65,0.4)")
     for name in ("steps", "batch_size", "lr", "seed", "num_workers", "log_every"):
         default = getattr(TrainSettings, name)
         p.add_argument(f"--{name}", type=type(default), default=default)
     args = parser.parse_args(argv)
 
     def run() -> dict[str, Any]:
-        config = configs.load(args.config)
+        config = configs.load(args.config, **configs.parse_overrides(args.set))
         settings = TrainSettings(**{k: getattr(args, k) for k in (
             "steps", "batch_size", "lr", "seed", "num_workers", "log_every")})
         return train(config, args.data, args.out, settings=settings)

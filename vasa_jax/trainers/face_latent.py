@@ -177,6 +177,13 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     detach = (warping.detach_angles if w["pose"] > 0 and lc.pose_detach
               else lambda z_pose: z_pose)
     path = config.model.motion.pretrained_pose
+    if config.model.motion.glimpse_widths and not pose_frozen(config):
+        raise ValueError(
+            "model.motion.glimpse_widths: the glimpses are placed by a pose net pre-trained "
+            "to locate the eyes and mouth and kept fixed. Train one (`python -m "
+            "vasa_jax.models.face_pose train --data DIR --out OUT --set "
+            "model.motion.glimpse_widths=...`) and pass --config.model.motion.pretrained_pose"
+            "=OUT with model.motion.freeze_pretrained_pose=True.")
     pose_params = load_pose_params(path, config.model) if path else None
 
     frozen, vgg_graphdef, face_id = {}, None, None
