@@ -94,9 +94,13 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
     # G2D: resblocks at `channels`, then one upsampling resblock per up_channels entry.
     # dyn_modulation: G2D's norms are adaptive on z_dyn (a route from the expression code
     # to the pixels besides the warps' flows, as LIA's motion-modulated decoder).
+    # dyn_volume_channels E > 0: an expression volume (face_decoder.ExpressionVolume), E
+    # channels that are a learnt linear map of z_dyn in canonical space, joins V_app before
+    # the driving warp: a local route (features where the mouth is). 0 = off.
     m.decoder = ml_collections.ConfigDict(
         dict(channels=pick(128, 256, 512), blocks=pick(1, 6, 8),
-             up_channels=pick((64, 32), (128, 64), (256, 128, 64)), dyn_modulation=False)
+             up_channels=pick((64, 32), (128, 64), (256, 128, 64)), dyn_modulation=False,
+             dyn_volume_channels=0)
     )
     # Multi-scale patch discriminator (spectral-normalised convs).
     m.discriminator = ml_collections.ConfigDict(
@@ -174,6 +178,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
             f"2^{len(e.channels) + 1}",
         )
     common.check_choice(m.motion.pool, ("mean", "flatten"), "model.motion.pool")
+    check(m.decoder.dyn_volume_channels >= 0,
+          f"model.decoder.dyn_volume_channels must be >= 0, got {m.decoder.dyn_volume_channels}")
     check(len(m.motion.glimpse_widths) in (0, 2)
           and all(0.0 < w <= 1.0 for w in m.motion.glimpse_widths),
           f"model.motion.glimpse_widths must be () or (eyes, mouth) widths in (0, 1], got "
@@ -268,12 +274,17 @@ def loss_config(size: str) -> ml_collections.ConfigDict:
     # them (a pre-trained pose estimator's role): reconstruction through the warp cannot
     # flip the label convention (measured: it did, on held-out clips). Needs pose_weight > 0.
     l.pose_detach = True
+    # Spread of z_dyn: mean over its dimensions of max(0, 1 - std over the batch's source
+    # and driving frames) (VICReg's variance term). Without it the dynamics encoder
+    # collapses early to a near-constant code (std 0.008 at step 1000, mouth R^2 0),
+    # which the decoder then cannot learn to use (docs/experiments.md). 0 = off.
+    l.dyn_std_weight = 0.0
     return l
 
 
 def validate_loss(l: ml_collections.ConfigDict, image_size: int) -> None:  # noqa: E741
     weights = ("l1_weight", "l1_region_weight", "perceptual_weight", "adv_weight", "fm_weight",
-               "consist_weight", "cross_id_weight", "pose_weight")
+               "consist_weight", "cross_id_weight", "pose_weight", "dyn_std_weight")
     for name in weights:
         common.check(l[name] >= 0, f"loss.{name} must be >= 0, got {l[name]}")
     common.check(len(l.perceptual_layer_weights) == 5,

@@ -18,6 +18,9 @@ a probe target in some number of steps, reconstruction-trained z_dyn will not ei
         [--targets mouth_open,blink,gaze] [--set model.motion.dyn_groups=0 ...]
         (--set: any config field, as train.py's --config.X)
 
+With --set model.motion.glimpse_widths=(0.65,0.4) the encoder reads the eye and mouth
+glimpses at the label boxes' centres (what a perfect landmark net would give).
+
 Prints one line per evaluation (step, seconds of training, probe R^2) and writes them as JSON.
 Frames come from `read_clips` (the evaluator's reader): --train_clips clips of the train
 split, --frames_per_clip frames each, held in memory; no augmentation.
@@ -77,19 +80,34 @@ class Supervised(nnx.Module):
         self.readout = layers.Dense(model_cfg.motion.dyn_dim, num_targets,
                                     names=("embed", None), rngs=rngs)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.readout(self.encoder.dynamics(images))
+    def __call__(self, images: jax.Array, centres: jax.Array | None) -> jax.Array:
+        return self.readout(self.encoder.dynamics(images, centres))
+
+
+def glimpse_centres(model: Supervised, clips) -> np.ndarray | None:
+    """With model.motion.glimpse_widths, the glimpses sit at the label boxes' centres (the
+    ceiling of a perfect landmark net): [N, R, 2] for every frame of the clips; else None."""
+    if not model.encoder.glimpse_widths:
+        return None
+    from vasa_jax.models.face_pose import GLIMPSE_BOXES, box_centres
+    for c in clips:
+        if any(n not in c.labels for n in GLIMPSE_BOXES):
+            raise ValueError(f"clip {c.clip_id} has no {GLIMPSE_BOXES} labels: glimpses need "
+                             "them (SynthTalk data has them)")
+    return np.concatenate([np.asarray(box_centres(c.labels)) for c in clips])
 
 
 @nnx.jit
-def _encode(model: Supervised, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return model.encoder(images)
+def _encode(model: Supervised, images: jax.Array, centres: jax.Array | None):
+    return model.encoder.pose(images), model.encoder.dynamics(images, centres)
 
 
 def encode(model: Supervised, clips, batch: int = 64) -> dict[str, np.ndarray]:
     """{"z_pose", "z_dyn"} of every frame of the clips (z_pose untrained: shapes only)."""
     frames = np.concatenate([c.frames for c in clips])
-    out = [_encode(model, to_signed_float(frames[i:i + batch]))
+    centres = glimpse_centres(model, clips)
+    out = [_encode(model, to_signed_float(frames[i:i + batch]),
+                   None if centres is None else centres[i:i + batch])
            for i in range(0, len(frames), batch)]
     return {"z_pose": np.concatenate([np.asarray(p) for p, _ in out]),
             "z_dyn": np.concatenate([np.asarray(d) for _, d in out])}
@@ -113,10 +131,12 @@ def run(config, data: str, *, steps: int, batch_size: int, lr: float, eval_every
     wrt = nnx.Any(nnx.PathContains("dyn_net"), nnx.PathContains("readout"))
     opt = nnx.Optimizer(model, optax.adam(lr), wrt=wrt)
 
+    centres = glimpse_centres(model, train)
+
     @nnx.jit
-    def step(model, opt, x, t):
+    def step(model, opt, x, c, t):
         def loss_fn(m):
-            return jnp.mean((m(x) - t) ** 2)
+            return jnp.mean((m(x, c) - t) ** 2)
         loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
         opt.update(model, grads)
         return loss
@@ -138,7 +158,8 @@ def run(config, data: str, *, steps: int, batch_size: int, lr: float, eval_every
             break
         idx = rng.integers(0, len(frames), batch_size)
         t0 = time.perf_counter()
-        losses.append(float(step(model, opt, to_signed_float(frames[idx]), y[idx])))
+        losses.append(float(step(model, opt, to_signed_float(frames[idx]),
+                                 None if centres is None else centres[idx], y[idx])))
         trained_s += time.perf_counter() - t0
     return records
 

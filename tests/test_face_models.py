@@ -591,6 +591,43 @@ def test_dyn_modulation_routes_z_dyn_through_g2d():
         plain(jnp.zeros((1, 4, 4, 8)), jnp.zeros((1, 3)))
 
 
+def test_expression_volume_puts_z_dyn_where_its_basis_is():
+    """decoder.dyn_volume_channels: z_dyn becomes E extra canonical-space channels, a linear
+    map (one basis volume per z_dyn dimension) that the driving warp moves with the head."""
+    cfg = configs.load("configs/face_latent.py:size=tiny",
+                       model__decoder__dyn_volume_channels=4).model
+    model = face_latent.FaceLatentModel(cfg, rngs=nnx.Rngs(0))
+    v = cfg.volume
+    expr = model.decoder.expression
+    z = jax.random.normal(jax.random.key(1), (B, cfg.motion.dyn_dim))
+    vol = expr(z)
+    assert vol.shape == (B, v.depth, v.size, v.size, 4)
+    # Linear in z_dyn (plus the bias volume).
+    np.testing.assert_allclose(expr(2 * z) - expr(z), expr(z) - expr(0 * z), atol=1e-5)
+    counts = face_latent.param_counts(model)
+    assert counts["decoder.expression"] == (cfg.motion.dyn_dim + 1) * v.depth * v.size**2 * 4
+    assert model.decoder.projection.conv.in_channels == (v.channels + 4) * v.depth
+    for _, m in nnx.iter_graph(model.decoder.warp):  # the warp no longer sees z_dyn
+        if isinstance(m, layers.Dense):
+            m.kernel[...] = jnp.zeros_like(m.kernel[...])
+    keys = jax.random.split(jax.random.key(0), 2)
+    v_app = jax.random.normal(keys[0], (B, v.depth, v.size, v.size, v.channels))
+    z_id = jax.random.normal(keys[1], (B, cfg.id.dim))
+    pose = warping.identity_pose(B)
+    a = model.decode(v_app, z_id, pose, z)
+    assert float(jnp.mean(jnp.abs(a - model.decode(v_app, z_id, pose, -z)))) > 1e-4
+    # Only where a basis is non-zero: zero every basis outside one 4x4 patch of the volume.
+    kernel = model.decoder.expression.dense.kernel
+    mask = np.zeros((v.depth, v.size, v.size, 4), np.float32)
+    mask[:, 10:14, 6:10] = 1.0
+    kernel[...] = kernel[...] * jnp.asarray(mask.reshape(1, -1))
+    diff = np.abs(np.asarray(model.decode(v_app, z_id, pose, z)
+                             - model.decode(v_app, z_id, pose, -z))).mean(axis=(0, 3))
+    scale = cfg.image_size // v.size
+    inside = diff[10 * scale:14 * scale, 6 * scale:10 * scale].mean()
+    assert inside > 5 * diff[:4 * scale, :4 * scale].mean() + 1e-7
+
+
 def test_adaptive_group_norm_depends_on_condition():
     ada = layers.AdaptiveGroupNorm(8, 3, groups=2, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))

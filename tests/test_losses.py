@@ -271,6 +271,22 @@ def test_cross_identity_loss_values_and_gradients():
         losses.cross_identity_loss(_embed, decoded[:2], src)
 
 
+def test_spread_loss_hinges_each_dimensions_std():
+    rng = np.random.default_rng(0)
+    # Column stds 2, 0.5, 0 (a constant): hinge at 1 -> (0 + 0.5 + 1) / 3.
+    z = np.stack([2.0 * np.array([-1, 1, -1, 1]), 0.5 * np.array([1, -1, 1, -1]),
+                  np.full(4, 3.0)], axis=1).astype(np.float32)
+    np.testing.assert_allclose(losses.spread_loss(jnp.asarray(z), eps=0.0), 1.5 / 3, atol=1e-6)
+    spread = jnp.asarray(rng.normal(size=(64, 8)) * 3.0, jnp.float32)
+    assert float(losses.spread_loss(spread)) < 1e-3
+    # The gradient pushes a collapsed code apart (and is finite at std 0 thanks to eps).
+    grad = jax.grad(losses.spread_loss)(jnp.asarray(z))
+    assert np.all(np.isfinite(np.asarray(grad)))
+    assert float(jnp.sum(grad[:, 1] * z[:, 1])) < 0  # d/d(scale) < 0: growing it helps
+    with pytest.raises(ValueError, match="N >= 2"):
+        losses.spread_loss(jnp.zeros((1, 4)))
+
+
 def test_cosine_similarity_rows():
     a = jnp.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     b = jnp.array([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import testdata
+from flax import nnx
 
 import configs
 
@@ -83,3 +84,28 @@ def test_set_overrides_parse_literals_and_strings_and_reject_typos(data, capsys)
     with pytest.raises(SystemExit):
         script.main(["--data", data, "--targets", "mouth"])
     assert "--targets" in capsys.readouterr().err
+
+
+def test_glimpses_sit_at_the_label_boxes(data, tmp_path):
+    """With glimpse widths the encoder reads eye and mouth glimpses at the label boxes'
+    centres: the test data's mouth, zoomed, is read before any training."""
+    from data_pipeline import schema
+    from vasa_jax.evaluate import face_latent as evaluator
+
+    script = _script()
+    boxed = str(tmp_path / "boxed")
+    testdata.make_dataset(boxed, identities=3, clips_per_identity=3, test_clips_per_identity=1,
+                          seconds=1.0, size=64, mouth="random",
+                          labels=[*schema.LABELS, *schema.BOX_LABELS])
+    config = configs.load("configs/face_latent.py:size=tiny",
+                          model__motion__glimpse_widths=(0.6, 0.4))
+    records = script.run(config, boxed, steps=20, batch_size=8, lr=1e-3, eval_every=20,
+                         train_clips=9, frames_per_clip=8, test_clips=None,
+                         target_names=("mouth_open",))
+    assert [r["step"] for r in records] == [0, 20]
+    assert records[-1]["mouth_open_from_z_dyn"] > 0.5, records
+    clips, _ = evaluator.read_clips(data, "train", 64, max_clips=2, frames_per_clip=4,
+                                    include_first=False, progress=False)
+    model = script.Supervised(config.model, 1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="mouth_box"):
+        script.glimpse_centres(model, clips)

@@ -115,7 +115,7 @@ def test_two_steps_update_generator_discriminator_and_ema(run):
         assert all(np.isfinite(v) for v in m.values()), m
         for key in ("loss/g_total", "loss/l1", "loss/perceptual", "loss/adv", "loss/fm",
                     "loss/consist", "loss/cross_id", "loss/pose", "loss/d", "d/acc_real", "d/acc_fake",
-                    "psnr/recon", "grad_norm/g", "grad_norm/d", "update_norm/g",
+                    "psnr/recon", "z_dyn/std", "grad_norm/g", "grad_norm/d", "update_norm/g",
                     "update_norm/d", "lr/g", "lr/d"):
             assert key in m, key
         assert m["loss/l1"] > 0 and m["loss/perceptual"] > 0 and m["loss/consist"] > 0
@@ -195,6 +195,8 @@ def test_ablations_remove_their_terms(run, data_dir):
                                               loss__fm_weight=0.0, loss__perceptual_weight=0.0))
     assert not {"loss/adv", "loss/fm", "loss/d", "loss/perceptual"} & set(no_gan)
     assert "loss/pose" not in _traced_metrics(run, tiny_config(data_dir, loss__pose_weight=0.0))
+    assert "loss/dyn_std" not in _traced_metrics(run, run.config)  # off by default
+    assert "loss/dyn_std" in _traced_metrics(run, tiny_config(data_dir, loss__dyn_std_weight=1.0))
     no_pose = tiny_config(data_dir, loss__pose_weight=0.0, loss__perceptual_weight=0.0)
     assert "labels" not in face_latent.make_stage(no_pose).batch_keys
 

@@ -2,7 +2,7 @@
 
   perceptual    VGG19 feature L1 over an image pyramid (face-vid2vid / MegaPortraits)
   gan           hinge adversarial losses + discriminator feature matching
-  face_latent   (region-weighted) L1, VASA-1's l_consist and l_cross-id
+  face_latent   (region-weighted) L1, VASA-1's l_consist and l_cross-id, z_dyn spread
 
 The frozen networks they use live in vasa_jax.models.vgg19 and vasa_jax.models.face_id.
 """
@@ -17,6 +17,7 @@ from vasa_jax.losses.face_latent import (
     face_region_mask,
     face_region_weights,
     l1_loss,
+    spread_loss,
 )
 from vasa_jax.losses.gan import (
     feature_matching_loss,

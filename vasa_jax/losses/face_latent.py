@@ -174,6 +174,19 @@ def consistency_loss(
     return (l1_loss if distance is None else distance)(a, b)
 
 
+def spread_loss(z: jax.Array, target: float = 1.0, eps: float = 1e-4) -> jax.Array:
+    """VICReg's variance term: mean over dimensions of max(0, target - std over the batch).
+
+    z [N, D] (N >= 2) -> float32 scalar, 0 once every dimension's standard deviation over
+    the N samples reaches `target`. Keeps a code (z_dyn) from collapsing to a constant; it
+    says nothing about what the code carries.
+    """
+    if z.ndim != 2 or z.shape[0] < 2:
+        raise ValueError(f"spread_loss needs [N >= 2, D], got {z.shape}")
+    std = jnp.sqrt(jnp.var(z.astype(jnp.float32), axis=0) + eps)
+    return jnp.mean(jax.nn.relu(target - std))
+
+
 def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
     """Row-wise cosine similarity of [B, E] and [B, E] -> [B] (inputs need not be unit norm)."""
     a = a.astype(jnp.float32)

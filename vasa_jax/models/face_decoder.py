@@ -1,6 +1,9 @@
 """The face decoder D(V_app, z_id, z_pose, z_dyn) -> image (VASA-1 sec 3.1, MegaPortraits).
 
     V_app [B, D, H, W, C]
+      (+ with dyn_volume_channels E: a z_dyn "expression volume" [B, D, H, W, E] concatenated
+         along channels: a learnt linear map of z_dyn, one canonical-space basis volume per
+         z_dyn dimension, like blendshapes; the warp carries it to the driving pose)
       -> w_c->d: rigid driving pose + non-rigid flow from (z_dyn, z_id)   (warping.py)
       -> projection P: reshape [D, C] into channels, 1x1 conv             [B, H, W, F]
       -> G2D: resblocks at F channels, then upsampling resblocks (x2 each); with
@@ -16,6 +19,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vasa_jax.models import layers, warping
@@ -86,6 +90,27 @@ class ImageGenerator(nnx.Module):
         return jnp.tanh(x.astype(jnp.float32))
 
 
+class ExpressionVolume(nnx.Module):
+    """z_dyn [B, K] -> [B, D, H, W, E] = sum_k z_dyn_k * basis_k (+ a bias volume).
+
+    The bases live in the canonical space of V_app, so each z_dyn dimension can add
+    features exactly where the mouth or the eyes are in the canonical face, and the driving
+    warp moves them with the head: a local, identity-independent route from z_dyn to the
+    pixels (G2D's adaptive norms are global per channel). K * D * H * W * E parameters:
+    16 * 8 * 16 * 16 * 4 = 131k for tiny; at full size keep E small.
+    """
+
+    def __init__(self, dyn_dim: int, volume_shape: Sequence[int], channels: int, *,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.shape = (*(int(s) for s in volume_shape), channels)
+        size = int(np.prod(self.shape))
+        self.dense = layers.Dense(dyn_dim, size, names=("embed", None), init_scale=0.1,
+                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, z_dyn: jax.Array) -> jax.Array:
+        return self.dense(z_dyn).reshape((z_dyn.shape[0],) + self.shape)
+
+
 class FaceDecoder(nnx.Module):
     """D: (V_app, z_id, z_pose, z_dyn) of possibly different frames -> image [B, S, S, 3]."""
 
@@ -102,6 +127,7 @@ class FaceDecoder(nnx.Module):
         up_channels: Sequence[int],
         groups: int,
         dyn_modulation: bool = False,
+        dyn_volume_channels: int = 0,
         remat: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -110,11 +136,14 @@ class FaceDecoder(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.volume_shape = tuple(volume_shape)
         self.volume_channels = volume_channels
+        self.expression = (ExpressionVolume(dyn_dim, volume_shape, dyn_volume_channels, **kw)
+                           if dyn_volume_channels else None)
         self.warp = warping.WarpGenerator(
             "to_driving", dyn_dim=dyn_dim, id_dim=id_dim, volume_shape=volume_shape,
             groups=groups, remat=remat, **dict(warp), **kw,
         )
-        self.projection = Projection(volume_channels, volume_shape[0], channels, **kw)
+        self.projection = Projection(volume_channels + dyn_volume_channels, volume_shape[0],
+                                     channels, **kw)
         self.dyn_modulation = dyn_modulation
         self.generator = ImageGenerator(
             channels=channels, blocks=blocks, up_channels=up_channels, groups=groups,
@@ -132,6 +161,8 @@ class FaceDecoder(nnx.Module):
         for name, z in (("z_id", z_id), ("z_pose", z_pose), ("z_dyn", z_dyn)):
             if z.ndim != 2 or z.shape[0] != batch:
                 raise ValueError(f"FaceDecoder: {name} must be [{batch}, N], got {z.shape}")
+        if self.expression is not None:
+            v_app = jnp.concatenate([v_app, self.expression(z_dyn).astype(v_app.dtype)], -1)
         posed = self.warp(v_app, z_pose, z_dyn, z_id)
         cond = z_dyn.astype(jnp.float32) if self.dyn_modulation else None
         return self.generator(self.projection(posed), cond)

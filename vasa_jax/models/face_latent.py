@@ -114,7 +114,8 @@ class FaceLatentModel(nnx.Module):
             volume_channels=v.channels, volume_shape=volume_shape, dyn_dim=m.dyn_dim,
             id_dim=cfg.id.dim, warp=warp_kwargs(cfg), channels=d.channels, blocks=d.blocks,
             up_channels=tuple(d.up_channels), groups=cfg.groups,
-            dyn_modulation=d.get("dyn_modulation", False), remat=cfg.remat, **kw,
+            dyn_modulation=d.get("dyn_modulation", False),
+            dyn_volume_channels=d.get("dyn_volume_channels", 0), remat=cfg.remat, **kw,
         )
 
     def encode_motion(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -204,6 +205,8 @@ def param_counts(model: FaceLatentModel) -> dict[str, int]:
         "decoder.projection": model.decoder.projection,
         "decoder.g2d": model.decoder.generator,
     }
+    if model.decoder.expression is not None:
+        groups["decoder.expression"] = model.decoder.expression
     counts = {name: count_params(m) for name, m in groups.items()}
     counts["total"] = count_params(model)
     if sum(v for k, v in counts.items() if k != "total") != counts["total"]:

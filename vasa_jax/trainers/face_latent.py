@@ -15,6 +15,7 @@ updates the generator G (FaceLatentModel) and then the discriminator D:
                    G.decode(V_app^i, z_id^i, z_pose^i, z_dyn^j))   VASA-1 l_consist
     + cross_id * (1 - cos(E(G.decode(V_app^i, z_id^i, z_pose^d, z_dyn^d)), E(frame i)))
                                                                 VASA-1 l_cross-id (E: face-ID)
+    + dyn_std * mean_k max(0, 1 - std(z_dyn_k over [sources; driving]))   no collapse of z_dyn
     + pose * L1(angles of z_pose^i, z_pose^j; the frames' pose labels)
         MegaPortraits' pose encoder is pre-trained on head-pose labels; here it learns from
         the dataset's per-frame pose labels (SynthTalk ground truth, or the real-video
@@ -55,7 +56,8 @@ from vasa_jax.models.face_latent import FaceLatentModel
 from vasa_jax.models.vgg19 import load_vgg19
 from vasa_jax.trainers import loop
 
-PROGRESS_KEYS = ("loss/g_total", "loss/l1", "loss/perceptual", "loss/d", "psnr/recon")
+PROGRESS_KEYS = ("loss/g_total", "loss/l1", "loss/perceptual", "loss/d", "psnr/recon",
+                 "z_dyn/std")
 
 
 class TrainState(nnx.Module):
@@ -131,7 +133,8 @@ def _d_accuracy(real_logits, fake_logits) -> tuple[jax.Array, jax.Array]:
 def effective_weights(loss_cfg: ml_collections.ConfigDict) -> dict[str, float]:
     """The loss weights the step uses: cross_id is 0 without a face-ID model (warned)."""
     w = {name: float(loss_cfg[f"{name}_weight"])
-         for name in ("l1", "perceptual", "adv", "fm", "consist", "cross_id", "pose")}
+         for name in ("l1", "perceptual", "adv", "fm", "consist", "cross_id", "pose",
+                      "dyn_std")}
     if w["cross_id"] > 0 and not loss_cfg.face_id_path:
         logging.warning(
             "loss.cross_id_weight=%g but loss.face_id_path is empty: l_cross-id is OFF. Train "
@@ -235,6 +238,8 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
                 num_scales=lc.perceptual_scales)
         if w["consist"] > 0:
             terms["consist"] = losses.l1_loss(out["consist_a"], out["consist_b"])
+        if w["dyn_std"] > 0:  # over the sources and driving frames (2B codes)
+            terms["dyn_std"] = losses.spread_loss(z_dyn)
         if w["cross_id"] > 0:
             embed = functools.partial(face_id.apply, frozen["face_id"])
             terms["cross_id"] = losses.cross_identity_loss(embed, out["cross"], src)
@@ -255,7 +260,9 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
             else:
                 terms["adv"], terms["fm"] = gan_terms(recon)
         total_loss = sum(w[k] * v for k, v in terms.items())
-        return total_loss, (terms, recon)
+        # Mean over z_dyn's dimensions of their std over the batch: near 0 = collapsed.
+        dyn_std = jnp.mean(jnp.std(z_dyn.astype(jnp.float32), axis=0))
+        return total_loss, (terms, recon, dyn_std)
 
     def discriminator_update(disc_state, opt_state, disc_graphdef, opt_graphdef, real, fake):
         disc, opt = nnx.merge(disc_graphdef, disc_state), nnx.merge(opt_graphdef, opt_state)
@@ -285,13 +292,13 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         gan_on = step >= gan_start
         g_graphdef, g_params, g_rest = nnx.split(ts.generator, trainable, ...)
         disc = ts.discriminator  # read-only here (update_stats=False)
-        (g_total, (terms, recon)), g_grads = jax.value_and_grad(
+        (g_total, (terms, recon, dyn_std)), g_grads = jax.value_and_grad(
             lambda p: generator_loss(p, g_graphdef, g_rest, disc, batch, frozen, gan_on),
             has_aux=True)(g_params)
         g_updates = ts.g_opt.update(ts.generator, g_grads)
 
         metrics = {"loss/g_total": g_total, **{f"loss/{k}": v for k, v in terms.items()},
-                   "psnr/recon": psnr(recon, batch["driving"]),
+                   "psnr/recon": psnr(recon, batch["driving"]), "z_dyn/std": dyn_std,
                    "grad_norm/g": optax.global_norm(g_grads),
                    "update_norm/g": optax.global_norm(g_updates),
                    "lr/g": g_schedule(step), "gan/on": gan_on.astype(jnp.float32)}
