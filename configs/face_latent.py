@@ -275,9 +275,8 @@ def loss_config(size: str) -> ml_collections.ConfigDict:
     # flip the label convention (measured: it did, on held-out clips). Needs pose_weight > 0.
     l.pose_detach = True
     # Spread of z_dyn: mean over its dimensions of max(0, 1 - std over the batch's source
-    # and driving frames) (VICReg's variance term). Without it the dynamics encoder
-    # collapses early to a near-constant code (std 0.008 at step 1000, mouth R^2 0),
-    # which the decoder then cannot learn to use (docs/experiments.md). 0 = off.
+    # and driving frames) (VICReg's variance term): keeps the dynamics encoder from
+    # collapsing to a near-constant code early on (docs/experiments.md). 0 = off.
     l.dyn_std_weight = 0.0
     return l
 

@@ -161,9 +161,7 @@ class MotionEncoder(nnx.Module):
     boxes, vasa_jax.models.face_pose) and the dynamics net reads `glimpse_image` of those
     regions instead of the whole frame. An open mouth is a few pixels of a 64 px face crop
     that the head moves about; zoomed and centred, it is most of the dynamics net's input
-    (taught mouth_open directly, the tiny net's held-out R^2 went from 0.09 on the frame to
-    0.89 on mouth crops at 600 steps, docs/experiments.md). Framing and head position
-    stay out of z_dyn.
+    (docs/experiments.md). Framing and head position stay out of z_dyn.
     """
 
     def __init__(
