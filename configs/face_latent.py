@@ -79,13 +79,14 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
     )
     # Warping generators (w_s->c and w_c->d, one each): MLP -> seed volume -> adaptive
     # upsampling 3-D resblocks (one per entry) -> tanh-bounded flow. pivot_depth: the head
-    # rotates about a point this far behind the volume centre (half-sides; models.warping).
-    # On SynthTalk's face crops the face surface sits 1.0-1.2 half-sides in front of the
-    # rotation centre; 1.0 did not train faster than 0 in 400 steps (docs/experiments.md).
+    # rotates about a point this far behind the volume centre (half-sides; models.warping):
+    # in face crops (schema.FACE_CROP_HEIGHT) the face surface sits about one half-side in
+    # front of the rotation centre. With the pose net's translation and scale, the rigid
+    # warp then moves SynthTalk's eyes and mouth to within 0.5 px (docs/experiments.md).
     m.warp = ml_collections.ConfigDict(
         dict(seed_channels=pick(32, 256, 512),
              channels=pick((16,), (256, 128, 64, 32), (512, 256, 128, 64)),
-             hidden=pick(64, 512, 512), max_flow=0.25, pivot_depth=0.0)
+             hidden=pick(64, 512, 512), max_flow=0.25, pivot_depth=1.0)
     )
     # G3D: 3-D U-Net, one level per entry (each deeper level halves D, H, W).
     m.g3d = ml_collections.ConfigDict(

@@ -248,7 +248,9 @@ class Stage1Sample(grain.transforms.RandomMap):
     scale/shift jitter and one colour jitter (the reconstruction target must be predictable
     from source appearance + driving motion, and their relative head motion stays the real
     one); cross gets its own. Labels are those of the un-augmented frames,
-    except the image-space boxes (schema.BOX_LABELS), which move with the jitter.
+    except the image-space boxes (schema.BOX_LABELS), which move with the jitter; "jitter"
+    [3, 3] holds each frame's geometry (rows source, driving, cross: zoom, dx, dy of
+    transforms.jitter_geometry) for labels that must follow it (face_pose's framing).
     """
 
     def __init__(self, records: ClipRecords, cross_ids: np.ndarray, cross_identities: np.ndarray,
@@ -272,9 +274,10 @@ class Stage1Sample(grain.transforms.RandomMap):
         return int(self._cross_ids[r if r < lo else r + (hi - lo)])
 
     def _augment(self, images: list[np.ndarray], labels: list[dict[str, np.ndarray]],
-                 rng: np.random.Generator) -> list[np.ndarray]:
+                 rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
         """Jitters the images with one geometry and colour; their box labels (schema.
-        BOX_LABELS) move with the content, in place."""
+        BOX_LABELS) move with the content, in place. Returns (images, geometry [3]: zoom,
+        dx, dy)."""
         a = self._aug
         geometry = T.sample_geometry(rng, a.scale, a.shift)
         color = T.sample_color(rng, a.brightness, a.contrast, a.saturation, a.hue)
@@ -286,7 +289,7 @@ class Stage1Sample(grain.transforms.RandomMap):
             T.jitter_color(T.jitter_geometry(T.resize_square(im, self._image_size), *geometry),
                            *color)
             for im in images
-        ]
+        ], np.asarray(geometry, np.float32)
 
     def random_map(self, element: tuple[int, bytes], rng: np.random.Generator):
         record_id, data = element
@@ -325,9 +328,9 @@ class Stage1Sample(grain.transforms.RandomMap):
         labels = {"source": _labels_at(clip, self._label_names, i),
                   "driving": _labels_at(clip, self._label_names, j),
                   "cross": _labels_at(other, self._label_names, f)}
-        source, driving = self._augment([source, driving],
-                                        [labels["source"], labels["driving"]], rng)
-        (cross,) = self._augment([cross], [labels["cross"]], rng)
+        (source, driving), pair_jitter = self._augment(
+            [source, driving], [labels["source"], labels["driving"]], rng)
+        (cross,), cross_jitter = self._augment([cross], [labels["cross"]], rng)
         return {
             "source": source,
             "driving": driving,
@@ -338,6 +341,7 @@ class Stage1Sample(grain.transforms.RandomMap):
             "cross_clip_index": np.int32(cross_id),
             "frame_index": np.array([i, j, f], np.int32),
             "labels": labels,
+            "jitter": np.stack([pair_jitter, pair_jitter, cross_jitter]),
             "num_skipped": np.int32(failures),
         }
 
@@ -599,6 +603,7 @@ def stage1_dataset(cfg: ml_collections.ConfigDict, *, process_index: int = 0,
       cross [B, S, S, 3]: a frame of a clip of another identity;
       identity, cross_identity, clip_index, cross_clip_index [B] int32;
       frame_index [B, 3] int32 (source, driving, cross frame numbers);
+      jitter [B, 3, 3] float32: (zoom, dx, dy) of the scale/shift jitter of those frames;
       labels {"source"|"driving"|"cross": {name: [B, ...]}} for every label dataset.json
         declares (none if it declares none);
       num_skipped [B] int32 (see the module docstring).

@@ -227,13 +227,13 @@ def test_depth_gate_starts_on_a_thin_central_band_and_learns():
 
 def test_pivot_and_depth_gate_options_reach_the_model():
     cfg = configs.load("configs/face_latent.py:size=tiny", **{
-        "model__warp__pivot_depth": 1.0, "model__app__depth_sigma": 0.2}).model
+        "model__warp__pivot_depth": 0.5, "model__app__depth_sigma": 0.2}).model
     model = face_latent.abstract_model(cfg)
-    assert model.warp_to_canonical.pivot_depth == 1.0
-    assert model.decoder.warp.pivot_depth == 1.0
+    assert model.warp_to_canonical.pivot_depth == 0.5
+    assert model.decoder.warp.pivot_depth == 0.5
     assert model.app_encoder.depth_gate is not None
     default = face_latent.abstract_model(configs.load("configs/face_latent.py:size=tiny").model)
-    assert default.app_encoder.depth_gate is None and default.decoder.warp.pivot_depth == 0.0
+    assert default.app_encoder.depth_gate is None and default.decoder.warp.pivot_depth == 1.0
     with pytest.raises(ConfigError, match="depth_sigma"):
         configs.load("configs/face_latent.py:size=tiny", model__app__depth_sigma=-1.0)
 
@@ -290,6 +290,69 @@ def test_label_angles_move_content_as_synthtalk_renders_them(label, voxel, moves
             assert sign * shift[axis] > 0.3, (label, shift)
         else:
             assert abs(shift[axis]) < 0.2, (label, shift)  # the arc: r (1 - cos 20deg)
+
+
+def _rigid_move(points: np.ndarray, z_src: jax.Array, z_drv: jax.Array, pivot: float):
+    """Image points [N, 2] (normalised, y down) on the plane z = 0 of the source volume ->
+    where the rigid warps put them in the driving frame (source -> canonical -> driving)."""
+    inv = np.asarray(warping.inverse_pose_matrix(z_src, pivot))
+    fwd = np.asarray(warping.pose_matrix(z_drv, pivot))
+    q = np.concatenate([points, np.zeros((len(points), 1))], axis=1)
+    canonical = np.einsum("bij,bj->bi", inv[:, :, :3], q) + inv[:, :, 3]
+    return (np.einsum("bij,bj->bi", fwd[:, :, :3], canonical) + fwd[:, :, 3])[:, :2]
+
+
+def test_label_framing_moves_face_points_as_synthtalk_projects_them():
+    """Angles and framing (translation, distance) from labels, rotating about the pivot
+    behind the volume centre, move points of a SynthTalk face where the renderer's camera
+    shows them: far closer than not moving them, and than the angles alone."""
+    from data_pipeline.synthtalk import render
+
+    rng = np.random.default_rng(0)
+    n, size, framing = 400, 64, render.FRAMINGS["face"]
+    labels = np.stack([rng.uniform(-25, 25, 2 * n), rng.uniform(-15, 15, 2 * n),
+                       rng.uniform(-10, 10, 2 * n), rng.uniform(-0.1, 0.1, 2 * n),
+                       0.12 + rng.uniform(-0.08, 0.08, 2 * n), np.zeros(2 * n)], 1)
+    distance = rng.uniform(0.9, 1.1, 2 * n)
+    labels[:, 5] = render.NOMINAL_DISTANCE * distance
+    # Head-local points on the face (eyes, mouth), one per pair.
+    local = np.array([(-0.35, 0.25, -0.9), (0.35, 0.25, -0.9), (0.0, -0.45, -0.9)])[
+        rng.integers(0, 3, n)]
+    image = np.stack([
+        render.project(np.einsum("nij,nj->ni", np.stack([
+            render.rotation_matrix(*lab[:3]) for lab in labels[k::2]]), local)
+            + labels[k::2, 3:6], size, "face") / (size / 2) - 1.0 for k in (0, 1)])
+    pose = jnp.asarray(labels, jnp.float32)
+    angles = warping.angles_from_labels(pose)
+    full = jnp.concatenate([angles, warping.framing_from_labels(
+        pose, distance, framing.half_extent)], 1)
+    angles_only = jnp.concatenate([angles, warping.identity_pose(2 * n)[:, 3:]], 1)
+    err = {"none": np.abs(image[1] - image[0]).mean()}
+    for name, z in (("angles", angles_only), ("full", full)):
+        err[name] = np.abs(_rigid_move(image[0], z[0::2], z[1::2], 1.0) - image[1]).mean()
+    assert err["full"] < 0.3 * err["none"] and err["full"] < 0.7 * err["angles"], err
+
+
+def test_framing_follows_the_loader_jitter():
+    """A zoom about the frame centre and a shift move the framing targets the way
+    transforms.jitter_boxes moves image points: translation zoom * t + 2 d, scale * zoom."""
+    from data_pipeline import transforms
+
+    pose = jnp.asarray([[5.0, 0.0, 0.0, 0.1, 0.2, 7.0]], jnp.float32)
+    base = np.asarray(warping.framing_from_labels(pose, np.ones(1), 1.12))
+    np.testing.assert_allclose(base[0], [0.1 / 1.12, -0.2 / 1.12, 0.0, 1.0], rtol=1e-6)
+    jitter = (1.05, 0.03, -0.02)
+    moved = np.asarray(warping.framing_from_labels(pose, np.ones(1), 1.12,
+                                                   jnp.asarray([jitter])))
+    # The head origin as a degenerate box in [0, 1] image coordinates, moved by the loader.
+    x, y = (base[0, 0] + 1) / 2, (base[0, 1] + 1) / 2
+    box = transforms.jitter_boxes(np.array([x, y, x, y], np.float32), *jitter)
+    np.testing.assert_allclose(moved[0, :2], 2 * box[:2] - 1, atol=1e-5)
+    np.testing.assert_allclose(moved[0, 3], 1.05, rtol=1e-6)
+    far = np.asarray(warping.framing_from_labels(pose, np.full(1, 1.25), 1.12))
+    np.testing.assert_allclose(far[0], [0.1 / 1.4, -0.2 / 1.4, 0.0, 0.8], rtol=1e-5)
+    with pytest.raises(ValueError, match="pose labels"):
+        warping.framing_from_labels(pose[:, :3], np.ones(1), 1.12)
 
 
 def test_rigid_round_trip_grids_compose_to_identity():

@@ -1,16 +1,19 @@
 """Pose-net pre-training: a short run reads held-out head pose; the export loads into stage 1."""
 
+import dataclasses
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import configs
+from data_pipeline import schema
 from tests import testdata
-from vasa_jax.models import face_pose
+from vasa_jax.models import face_pose, warping
 from vasa_jax.trainers import face_latent
 
 CONFIG = "configs/face_latent.py:size=tiny"
@@ -44,10 +47,34 @@ def test_short_training_reads_held_out_pose(trained):
     assert history[-1]["loss"] < 0.8 * history[0]["loss"], history
     test = meta["metrics"]["test_r2"]
     assert set(test) == {"yaw", "pitch", "roll", "mean"}
+    # The procedural dataset records no camera: translation and scale keep the identity
+    # framing and have no metrics.
+    assert "test_framing_r2" not in meta["metrics"]
     # Held-out clips (other motion) of the training identities: yaw and pitch shift the
     # face by several pixels and are read well; roll (+-5 degrees) barely shows.
     assert test["yaw"] > 0.7 and test["pitch"] > 0.5, test
     assert meta["arch"]["pool"] == "flatten"
+
+
+def test_pose_loss_targets_the_label_framing():
+    labels = jnp.asarray([[10.0, -5.0, 3.0, 0.1, 0.2, 7.0], [0.0, 0.0, 0.0, 0.0, 0.0, 7.0]])
+    framing = warping.framing_from_labels(labels, np.array([1.0, 1.2]), 1.12)
+    exact = jnp.concatenate([warping.angles_from_labels(labels), framing], axis=1)
+    assert float(face_pose.pose_loss(exact, labels, framing)) < 1e-6
+    # Without framing targets, the identity framing is the target.
+    assert float(face_pose.pose_loss(exact, labels)) > 0.05
+    ident = jnp.concatenate([exact[:, :3], warping.identity_pose(2)[:, 3:]], axis=1)
+    assert float(face_pose.pose_loss(ident, labels)) < 1e-6
+    r2 = face_pose.framing_r2(np.asarray(exact), np.asarray(framing))
+    assert set(r2) == {"tx", "ty", "scale"} and min(r2.values()) > 0.999
+
+
+def test_camera_half_extent_needs_a_camera_and_distance_labels():
+    info = schema.DatasetInfo("synthtalk", 64, 64, labels=["pose", "distance"],
+                              extra={"camera": {"half_extent": 1.12}})
+    assert face_pose.camera_half_extent(info) == pytest.approx(1.12)
+    assert face_pose.camera_half_extent(dataclasses.replace(info, extra={})) is None
+    assert face_pose.camera_half_extent(dataclasses.replace(info, labels=["pose"])) is None
 
 
 def test_export_loads_into_the_stage1_state(trained):

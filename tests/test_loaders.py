@@ -109,6 +109,8 @@ def test_stage1_batches_are_the_right_frames(data_dir):
                 for name, value in b["labels"][role].items():
                     np.testing.assert_array_equal(value[k], c.labels[name][t])
             seen.append(int(b["clip_index"][k]))
+        # No augmentation: every frame's jitter is the identity geometry.
+        np.testing.assert_array_equal(b["jitter"], np.tile([1.0, 0.0, 0.0], (4, 3, 1)))
     assert sorted(seen) == list(range(8))  # one epoch = every clip once
 
 
@@ -128,6 +130,14 @@ def test_stage1_resize_augment_and_determinism(data_dir):
     plain = take(iter(loaders.stage1_dataset(stage1_cfg(data_dir, image_size=16))), 1)[0]
     np.testing.assert_array_equal(plain["clip_index"], b1[0]["clip_index"])  # same order
     assert not np.allclose(plain["source"], b1[0]["source"], atol=0.05)
+    # The geometry is reported per frame: source and driving share theirs, cross has its
+    # own, all within the configured ranges.
+    jit = b1[0]["jitter"]
+    assert jit.shape == (4, 3, 3) and jit.dtype == np.float32
+    np.testing.assert_array_equal(jit[:, 0], jit[:, 1])
+    assert not np.allclose(jit[:, 0], jit[:, 2])
+    assert np.all(np.abs(jit[..., 0] - 1) <= aug["scale"] + 1e-6)
+    assert np.all(np.abs(jit[..., 1:]) <= aug["shift"] + 1e-6)
 
 
 def test_stage1_source_and_driving_share_the_jitter(tmp_path):

@@ -10,12 +10,16 @@ parameters drop into `motion_encoder.pose_net`):
 
     images [B, S, S, 3] -> MotionEncoder.pose -> z_pose [B, 7]
     loss = L1(yaw, pitch, roll; label angles in radians)
-         + L1(tx, ty, tz, log scale; 0)      no labels: start from the identity framing
+         + L1(tx, ty, tz, log scale; framing)    warping.framing_from_labels: where the
+               head is and how large, from the translation and distance labels, moved with
+               the loader's scale/shift jitter; 0 (the identity framing) when the dataset
+               has no `distance` labels or camera (dataset.json extra.camera.half_extent)
          + L1(landmarks; eye / mouth box centres)     with model.motion.glimpse_widths
 
 Frames come from the stage-1 loader (source, driving and cross frames: three labelled
 faces per example, with its scale/shift/colour jitter). Held-out evaluation: R^2 of each
-angle on the test split's frames (other clips of the training identities).
+angle (and of tx, ty, scale with framing labels) on the test split's frames (other clips of
+the training identities).
 
     python -m vasa_jax.models.face_pose train --config configs/face_latent.py:size=tiny \\
         --data DIR --out OUT [--steps N] [--batch_size B] [--lr LR] [--set FIELD=VALUE]
@@ -96,11 +100,34 @@ def angle_r2(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     return out
 
 
-def pose_loss(z_pose: jax.Array, pose_labels: jax.Array) -> jax.Array:
-    """z_pose [B, 7], label pose [B, >=3] (degrees) -> scalar (see the module docstring)."""
+def framing_r2(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """R^2 of tx, ty and log scale: z_pose [N, 7] x framing targets [N, 4] -> dict."""
+    p = np.concatenate([pred[:, 3:5], np.log(pred[:, 6:7])], axis=1)
+    t = np.concatenate([target[:, :2], np.log(target[:, 3:4])], axis=1)
+    ss_res = np.sum((t - p) ** 2, axis=0)
+    ss_tot = np.sum((t - t.mean(axis=0)) ** 2, axis=0)
+    r2 = 1.0 - ss_res / np.maximum(ss_tot, 1e-12)
+    return {name: float(v) for name, v in zip(("tx", "ty", "scale"), r2)}
+
+
+def camera_half_extent(info: Any) -> float | None:
+    """A dataset's frame half-side in head radii at its nominal distance (what
+    warping.framing_from_labels needs), if its dataset.json records the camera and its
+    labels hold `pose` and `distance`; else None."""
+    half = info.extra.get("camera", {}).get("half_extent")
+    return float(half) if half and {"pose", "distance"} <= set(info.labels) else None
+
+
+def pose_loss(z_pose: jax.Array, pose_labels: jax.Array,
+              framing: jax.Array | None = None) -> jax.Array:
+    """z_pose [B, 7], label pose [B, >=3] (degrees), framing targets [B, 4] (tx, ty, tz,
+    scale; None = the identity framing) -> scalar (see the module docstring)."""
     angles = jnp.mean(jnp.abs(z_pose[:, :3] - warping.angles_from_labels(pose_labels)))
-    framing = jnp.mean(jnp.abs(z_pose[:, 3:6])) + jnp.mean(jnp.abs(jnp.log(z_pose[:, 6])))
-    return angles + framing
+    if framing is None:
+        framing = warping.identity_pose(z_pose.shape[0])[:, 3:]
+    shift = jnp.mean(jnp.abs(z_pose[:, 3:6] - framing[:, :3]))
+    scale = jnp.mean(jnp.abs(jnp.log(z_pose[:, 6]) - jnp.log(framing[:, 3])))
+    return angles + shift + scale
 
 
 def predict(encoder, images: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -142,7 +169,12 @@ def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
         raise ValueError(f"need steps >= 1 and batch_size >= 1, got {settings}")
     if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
         raise FileExistsError(f"{out_dir} already holds a face-pose export")
-    labels = schema.DatasetInfo.load(data_dir).labels
+    info = schema.DatasetInfo.load(data_dir)
+    labels = info.labels
+    half_extent = camera_half_extent(info)
+    if half_extent is None:
+        logging.warning("face-pose: %s records no camera half extent or `distance` labels: "
+                        "translation and scale are trained to the identity framing", data_dir)
     if "pose" not in labels:
         raise ValueError(f"{data_dir!r} has no `pose` labels (it has {labels}): the pose net "
                          "learns from them")
@@ -164,15 +196,16 @@ def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
     optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
     opt_state = optimizer.init(params)
 
-    def loss_fn(params, images, pose_labels, centres):
+    def loss_fn(params, images, pose_labels, framing, centres):
         net = nnx.merge(graphdef, params, rest)
         z_pose, pred = encoder.split_pose_output(net(images))
-        loss = pose_loss(z_pose, pose_labels)
+        loss = pose_loss(z_pose, pose_labels, framing)
         return loss if pred is None else loss + jnp.mean(jnp.abs(pred - centres))
 
     @jax.jit
-    def train_step(params, opt_state, images, pose_labels, centres):
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, pose_labels, centres)
+    def train_step(params, opt_state, images, pose_labels, framing, centres):
+        loss, grads = jax.value_and_grad(loss_fn)(params, images, pose_labels, framing,
+                                                  centres)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -184,7 +217,13 @@ def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
         poses = np.concatenate([f["pose"] for f in frame_labels])
         centres = (np.concatenate([box_centres(f) for f in frame_labels]) if glimpses
                    else np.zeros((len(images), 0, 2), np.float32))
-        params, opt_state, loss = train_step(params, opt_state, images, poses, centres)
+        framing = None
+        if half_extent is not None:
+            framing = warping.framing_from_labels(
+                poses, np.concatenate([f["distance"] for f in frame_labels]), half_extent,
+                np.concatenate([batch["jitter"][:, k] for k in range(3)]))
+        params, opt_state, loss = train_step(params, opt_state, images, poses, framing,
+                                             centres)
         if step % settings.log_every == 0 or step == settings.steps:
             history.append({"step": step, "loss": float(loss)})
             logging.info("face-pose step %d/%d: loss %.4f (%.1f steps/s)", step, settings.steps,
@@ -204,6 +243,10 @@ def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
         target = np.asarray(warping.angles_from_labels(jnp.asarray(frames.labels["pose"])))
         out = predict(encoder, frames.images)
         metrics[f"{split}_r2"] = angle_r2(out[:, :3], target)
+        if half_extent is not None:
+            metrics[f"{split}_framing_r2"] = framing_r2(out, np.asarray(
+                warping.framing_from_labels(jnp.asarray(frames.labels["pose"]),
+                                            frames.labels["distance"], half_extent)))
         if glimpses:
             pred = out[:, warping.POSE_DIM:].reshape(len(out), -1, 2)
             metrics[f"{split}_landmark_px"] = landmark_error(

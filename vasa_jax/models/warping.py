@@ -100,6 +100,44 @@ def angles_from_labels(pose_labels: jax.Array) -> jax.Array:
     return jnp.deg2rad(pose_labels[:, :3].astype(jnp.float32)) * signs
 
 
+def framing_from_labels(
+    pose_labels: jax.Array,
+    distance: jax.Array,
+    half_extent: float,
+    jitter: jax.Array | None = None,
+) -> jax.Array:
+    """Label translation and distance -> [B, 4] z_pose (tx, ty, tz, scale) targets.
+
+    pose_labels [B, 6] (data_pipeline.schema: tx, ty in the camera frame, +y image up, head-
+    radius units, after the angles); distance [B] (1 = the dataset's nominal distance);
+    half_extent: half the image side in head radii at the nominal distance (SynthTalk's
+    dataset.json extra.camera.half_extent); jitter [B, 3] (zoom, dx, dy) of the loader's
+    scale/shift augmentation (data_pipeline.transforms.jitter_geometry), None = none.
+
+    The head origin appears at (tx, -ty) / (half_extent * distance) in normalised image
+    coordinates (grid y points down) and the face's size goes as 1 / distance; a zoom about
+    the frame centre and a shift of (dx, dy) sides then give translation zoom * t + 2 * d
+    and scale zoom / distance. tz is 0: depth moves nothing under the orthographic
+    projection, scale carries the distance. Rigidly moved with these and the label angles
+    (pivot 1.0), SynthTalk's eye and mouth centres land 0.57 px from where they are at 64
+    px (2.9 px without motion, 1.4 px with the angles alone): docs/experiments.md.
+    """
+    if pose_labels.ndim != 2 or pose_labels.shape[-1] < 6:
+        raise ValueError(f"framing needs pose labels [B, 6] (angles, tx, ty, tz), got "
+                         f"{pose_labels.shape}")
+    if half_extent <= 0:
+        raise ValueError(f"half_extent must be > 0, got {half_extent}")
+    d = jnp.asarray(distance, jnp.float32).reshape(-1)
+    t = pose_labels[:, 3:5].astype(jnp.float32) * jnp.asarray([1.0, -1.0]) / (
+        half_extent * d[:, None])
+    scale = 1.0 / d
+    if jitter is not None:
+        jitter = jnp.asarray(jitter, jnp.float32)
+        t = jitter[:, :1] * t + 2.0 * jitter[:, 1:3]
+        scale = jitter[:, 0] * scale
+    return jnp.concatenate([t, jnp.zeros_like(t[:, :1]), scale[:, None]], axis=-1)
+
+
 def detach_angles(z_pose: jax.Array) -> jax.Array:
     """z_pose [B, 7] with yaw, pitch, roll under stop_gradient (translation, scale untouched):
     for angles trained by labels alone while the images train the rest."""
