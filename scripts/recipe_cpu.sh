@@ -71,7 +71,7 @@ $PY train.py --config configs/motion_dit.py:size=tiny --workdir "$W/motion" \
   --config.train.total_steps="$STAGE2_STEPS"
 stamp "stage 2 evaluation"
 $PY -m vasa_jax.evaluate motion --workdir "$W/motion" --data "$W/latents" --no_progress \
-  | tee "$W/motion_eval.txt"
+  --expression_meter "$W/meter" | tee "$W/motion_eval.txt"
 stamp "summary"
 tail -n 3 "$W/face_eval.txt"
 tail -n 1 "$W/motion_eval.txt"
