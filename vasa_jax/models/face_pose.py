@@ -90,11 +90,16 @@ def box_centres(labels: Any) -> jax.Array:
     return 0.5 * (boxes[..., :2] + boxes[..., 2:])
 
 
-def angle_r2(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """Per-angle coefficient of determination: [N, 3] x 2 -> {yaw, pitch, roll, mean}."""
+def _r2(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-column coefficient of determination of [N, K] predictions -> [K]."""
     ss_res = np.sum((target - pred) ** 2, axis=0)
     ss_tot = np.sum((target - target.mean(axis=0)) ** 2, axis=0)
-    r2 = 1.0 - ss_res / np.maximum(ss_tot, 1e-12)
+    return 1.0 - ss_res / np.maximum(ss_tot, 1e-12)
+
+
+def angle_r2(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Per-angle coefficient of determination: [N, 3] x 2 -> {yaw, pitch, roll, mean}."""
+    r2 = _r2(pred, target)
     out = {name: float(v) for name, v in zip(warping.POSE_FIELDS[:3], r2)}
     out["mean"] = float(np.mean(r2))
     return out
@@ -104,10 +109,7 @@ def framing_r2(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """R^2 of tx, ty and log scale: z_pose [N, 7] x framing targets [N, 4] -> dict."""
     p = np.concatenate([pred[:, 3:5], np.log(pred[:, 6:7])], axis=1)
     t = np.concatenate([target[:, :2], np.log(target[:, 3:4])], axis=1)
-    ss_res = np.sum((t - p) ** 2, axis=0)
-    ss_tot = np.sum((t - t.mean(axis=0)) ** 2, axis=0)
-    r2 = 1.0 - ss_res / np.maximum(ss_tot, 1e-12)
-    return {name: float(v) for name, v in zip(("tx", "ty", "scale"), r2)}
+    return {name: float(v) for name, v in zip(("tx", "ty", "scale"), _r2(p, t))}
 
 
 def camera_half_extent(info: Any) -> float | None:
