@@ -77,6 +77,12 @@ def data_stage1(size: str) -> ml_collections.ConfigDict:
     d.num_workers = {"tiny": 0, "small": 4, "full": 8}[size]  # grain worker processes
     d.prefetch = 2  # batches each worker keeps ready
     d.seed = 0
+    # Share of (source, driving) pairs drawn so that one of `contrast_labels` differs:
+    # the driving frame j with probability ~ |l_j - l_i| (loaders.Stage1Sample._pair).
+    # The labels only choose frames; nothing supervises the latents with them. A blink is
+    # about 5% of a clip's frames: uniform pairs rarely show one. 0 = uniform pairs.
+    d.contrast_pairs = 0.0
+    d.contrast_labels = ("blink", "mouth_open")
     d.aug = ml_collections.ConfigDict(
         dict(
             scale=0.06,  # random zoom in [1 - s, 1 + s]
@@ -130,6 +136,9 @@ def validate_data(d: ml_collections.ConfigDict) -> None:
     check_choice(d.split, ("train", "test"), "data.split")
     check(d.batch_size > 0, f"data.batch_size must be > 0, got {d.batch_size}")
     check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    if "contrast_pairs" in d:
+        check(0.0 <= d.contrast_pairs <= 1.0,
+              f"data.contrast_pairs must be in [0, 1], got {d.contrast_pairs}")
     if "window" in d:
         check(d.window > 0, f"data.window must be > 0, got {d.window}")
         check(d.context >= 0, f"data.context must be >= 0, got {d.context}")

@@ -69,6 +69,10 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
              # whole frame. The pose net then also locates the two regions: it must be
              # pre-trained (pretrained_pose) on data with schema.BOX_LABELS.
              glimpse_widths=(),
+             # Turn the glimpses with the pose net's roll (pose-aligned crops, as
+             # EMOPortraits' motion encoder sees them): a tilted head reads upright, so
+             # z_dyn has less reason to carry roll.
+             glimpse_roll=False,
              # A `python -m vasa_jax.models.face_pose train` export: the pose net starts
              # from it (MegaPortraits pre-trains its head-pose estimator). "" = random init.
              pretrained_pose="",
@@ -279,12 +283,18 @@ def loss_config(size: str) -> ml_collections.ConfigDict:
     # and driving frames) (VICReg's variance term): keeps the dynamics encoder from
     # collapsing to a near-constant code early on (docs/experiments.md). 0 = off.
     l.dyn_std_weight = 0.0
+    # Pose out of z_dyn: mean squared Pearson correlation, over the batch's source,
+    # driving and cross frames, between z_dyn's dimensions and the (stop-gradient) z_pose
+    # angles (losses.cross_correlation_loss). The decoder otherwise lets z_dyn carry pose
+    # corrections, and a linear probe reads the head pose off z_dyn. 0 = off.
+    l.dyn_pose_decorr_weight = 0.0
     return l
 
 
 def validate_loss(l: ml_collections.ConfigDict, image_size: int) -> None:  # noqa: E741
     weights = ("l1_weight", "l1_region_weight", "perceptual_weight", "adv_weight", "fm_weight",
-               "consist_weight", "cross_id_weight", "pose_weight", "dyn_std_weight")
+               "consist_weight", "cross_id_weight", "pose_weight", "dyn_std_weight",
+               "dyn_pose_decorr_weight")
     for name in weights:
         common.check(l[name] >= 0, f"loss.{name} must be >= 0, got {l[name]}")
     common.check(len(l.perceptual_layer_weights) == 5,

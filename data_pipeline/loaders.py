@@ -254,8 +254,11 @@ class Stage1Sample(grain.transforms.RandomMap):
     """
 
     def __init__(self, records: ClipRecords, cross_ids: np.ndarray, cross_identities: np.ndarray,
-                 image_size: int, aug: _Augment, label_names: tuple[str, ...]):
+                 image_size: int, aug: _Augment, label_names: tuple[str, ...],
+                 contrast: float = 0.0, contrast_labels: tuple[str, ...] = ()):
         self._records = records
+        self._contrast = float(contrast)
+        self._contrast_labels = tuple(n for n in contrast_labels if n in label_names)
         order = np.argsort(cross_identities, kind="stable")
         self._cross_ids = np.asarray(cross_ids, np.int64)[order]  # record ids by identity
         self._cross_identities = np.asarray(cross_identities, np.int64)[order]
@@ -291,6 +294,21 @@ class Stage1Sample(grain.transforms.RandomMap):
             for im in images
         ], np.asarray(geometry, np.float32)
 
+    def _pair(self, clip: schema.Clip, rng: np.random.Generator) -> tuple[int, int]:
+        """Source and driving frame numbers, two different frames of the clip: uniform, or
+        with probability `contrast` a driving frame drawn with probability proportional to
+        |l_j - l_i| for one of `contrast_labels` l (uniformly chosen): pairs whose mouth or
+        eye state differs, so rare events (a blink is ~5% of frames) drive the loss often."""
+        i, j = (int(k) for k in rng.choice(clip.num_frames, size=2, replace=False))
+        if self._contrast > 0 and self._contrast_labels and rng.random() < self._contrast:
+            name = self._contrast_labels[int(rng.integers(len(self._contrast_labels)))]
+            values = np.asarray(clip.labels[name], np.float64).reshape(clip.num_frames, -1)
+            diff = np.abs(values - values[i]).sum(axis=1)
+            diff[i] = 0.0
+            if diff.sum() > 0:
+                j = int(rng.choice(clip.num_frames, p=diff / diff.sum()))
+        return i, j
+
     def random_map(self, element: tuple[int, bytes], rng: np.random.Generator):
         record_id, data = element
         try:
@@ -298,7 +316,7 @@ class Stage1Sample(grain.transforms.RandomMap):
             _check_labels(clip, self._label_names)
             if clip.num_frames < 2:
                 raise schema.CorruptRecordError(f"{clip.clip_id}: needs >= 2 frames")
-            i, j = (int(k) for k in rng.choice(clip.num_frames, size=2, replace=False))
+            i, j = self._pair(clip, rng)
             source, driving = clip.decode_frames([i, j])
         except schema.CorruptRecordError as e:
             return Skipped(f"record {record_id}: {e}")
@@ -515,6 +533,21 @@ class Stage2Window(grain.transforms.RandomMap):
         self._n_mels = n_mels
         self._label_names = label_names
 
+    def _pair(self, clip: schema.Clip, rng: np.random.Generator) -> tuple[int, int]:
+        """Source and driving frame numbers, two different frames of the clip: uniform, or
+        with probability `contrast` a driving frame drawn with probability proportional to
+        |l_j - l_i| for one of `contrast_labels` l (uniformly chosen): pairs whose mouth or
+        eye state differs, so rare events (a blink is ~5% of frames) drive the loss often."""
+        i, j = (int(k) for k in rng.choice(clip.num_frames, size=2, replace=False))
+        if self._contrast > 0 and self._contrast_labels and rng.random() < self._contrast:
+            name = self._contrast_labels[int(rng.integers(len(self._contrast_labels)))]
+            values = np.asarray(clip.labels[name], np.float64).reshape(clip.num_frames, -1)
+            diff = np.abs(values - values[i]).sum(axis=1)
+            diff[i] = 0.0
+            if diff.sum() > 0:
+                j = int(rng.choice(clip.num_frames, p=diff / diff.sum()))
+        return i, j
+
     def random_map(self, element: tuple[int, bytes], rng: np.random.Generator):
         record_id, data = element
         try:
@@ -618,6 +651,12 @@ def stage1_dataset(cfg: ml_collections.ConfigDict, *, process_index: int = 0,
             f"stage 1 needs clips of at least 2 identities (cross-identity frames); "
             f"{cfg.path!r} split {cfg.split!r} has identities {identities.tolist()}"
         )
+    contrast = float(cfg.get("contrast_pairs", 0.0))
+    contrast_labels = tuple(cfg.get("contrast_labels", ()))
+    if contrast > 0 and not set(contrast_labels) & set(info.labels):
+        raise ValueError(f"data.contrast_pairs={contrast:g} draws pairs by the labels "
+                         f"{contrast_labels}, but {cfg.path!r} has labels {info.labels}; "
+                         "set data.contrast_labels or data.contrast_pairs=0")
     transform = Stage1Sample(
         records,
         cross_ids=np.flatnonzero(candidates),
@@ -626,6 +665,8 @@ def stage1_dataset(cfg: ml_collections.ConfigDict, *, process_index: int = 0,
         aug=_Augment(**{k: float(cfg.aug[k]) for k in
                         ("scale", "shift", "brightness", "contrast", "saturation", "hue")}),
         label_names=tuple(sorted(info.labels)),
+        contrast=contrast,
+        contrast_labels=contrast_labels,
     )
     return _pipeline(records, transform, cfg, process_index, process_count, num_epochs)
 

@@ -3,8 +3,8 @@
 # the head-pose net, stage 1 (tiny), its evaluation, then stage-1 latents, stage 2 (tiny) and its evaluation.
 #   bash scripts/recipe_cpu.sh WORKDIR [SEED]
 # Budgets on 2 CPU cores (env overrides): STAGE1_STEPS, STAGE2_STEPS, METER_STEPS, IDS, CLIPS;
-# CONSIST_WEIGHT (l_consist, default 0: at 10 on half the batch a stage-1 step costs 2.7 s
-# instead of 0.6 s on 2 free cores, and 4000 steps would not fit in 60 minutes).
+# CONSIST_WEIGHT (l_consist, default 0: on half the batch it doubles a stage-1 step, and
+# the steps would not fit in 60 minutes; a step costs about 1.25 s on 2 free cores).
 # Every step resumes or skips what WORKDIR already holds, so a stopped recipe can be re-run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,7 +16,7 @@ cd "$ROOT"
 bash scripts/setup.sh requirements.txt
 PY=.venv/bin/python
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-STAGE1_STEPS="${STAGE1_STEPS:-4000}"
+STAGE1_STEPS="${STAGE1_STEPS:-2700}"
 CONSIST_WEIGHT="${CONSIST_WEIGHT:-0}"
 STAGE2_STEPS="${STAGE2_STEPS:-1500}"
 METER_STEPS="${METER_STEPS:-1500}"
@@ -55,7 +55,9 @@ JAX_NUM_CPU_DEVICES=2 $PY train.py --config configs/face_latent.py:size=tiny --w
   --config.data.batch_size=4 --config.loss.consist_fraction=0.5 \
   --config.loss.consist_weight="$CONSIST_WEIGHT" \
   --config.loss.l1_region_weight=10 --config.model.decoder.dyn_modulation=True \
-  --config.loss.dyn_std_weight=1.0 --config.model.decoder.dyn_volume_channels=4
+  --config.loss.dyn_std_weight=1.0 --config.model.decoder.dyn_volume_channels=4 \
+  --config.model.motion.glimpse_roll=True --config.loss.dyn_pose_decorr_weight=1.0 \
+  --config.data.contrast_pairs=0.5
 stamp "stage 1 evaluation"
 $PY -m vasa_jax.evaluate face_latent --workdir "$W/face" --data "$D" \
   --expression_meter "$W/meter" --no_progress | tee "$W/face_eval.txt"

@@ -593,6 +593,36 @@ def test_glimpse_image_zooms_on_each_region_centre():
         glimpse_image(images, centres[:, :1], widths)
 
 
+def test_glimpse_angle_reads_a_rolled_synthtalk_face_upright():
+    """glimpse_image's angle = z_pose's roll (warping's convention, from the labels): the
+    glimpses of a head rolled by +-15 degrees then match the upright head's; the opposite
+    angle and no angle do not."""
+    from data_pipeline.synthtalk.identity import sample_identity
+    from data_pipeline.synthtalk.render import HeadRenderer, neutral_frame
+    from vasa_jax.models.face_encoders import GLIMPSE_REGIONS, glimpse_image
+
+    renderer = HeadRenderer(sample_identity(0, 1), 64)
+    widths = (0.65, 0.4)
+
+    def view(roll_deg):
+        frame = neutral_frame()
+        frame["pose"][2] = roll_deg
+        boxes = renderer.boxes(frame)
+        centres = [[(boxes[f"{r}_box"][0] + boxes[f"{r}_box"][2]) / 2,
+                    (boxes[f"{r}_box"][1] + boxes[f"{r}_box"][3]) / 2] for r in GLIMPSE_REGIONS]
+        image = renderer.render(frame).astype(np.float32) / 127.5 - 1.0
+        angle = warping.angles_from_labels(jnp.asarray(frame["pose"])[None])[:, 2]
+        return jnp.asarray(image)[None], jnp.asarray(centres, jnp.float32)[None], angle
+
+    image, centres, _ = view(0.0)
+    upright = glimpse_image(image, centres, widths)
+    for roll in (15.0, -15.0):
+        image, centres, angle = view(roll)
+        err = {name: float(jnp.mean(jnp.abs(glimpse_image(image, centres, widths, a) - upright)))
+               for name, a in (("aligned", angle), ("opposite", -angle), ("none", None))}
+        assert err["aligned"] < 0.6 * err["none"] < 0.6 * err["opposite"], err
+
+
 def test_motion_encoder_glimpses_read_only_the_located_regions():
     cfg = configs.load("configs/face_latent.py:size=tiny",
                        model__motion__glimpse_widths=(0.5, 0.25)).model
@@ -616,6 +646,17 @@ def test_motion_encoder_glimpses_read_only_the_located_regions():
     with pytest.raises(ValueError, match="glimpse_widths"):
         face_latent.motion_encoder(configs.load("configs/face_latent.py:size=tiny").model,
                                    rngs=nnx.Rngs(0)).landmarks(x)
+    # glimpse_roll: the same parameters; the glimpses turn with z_pose's roll.
+    rolled = face_latent.motion_encoder(
+        configs.load("configs/face_latent.py:size=tiny", model__motion__glimpse_widths=(0.5, 0.25),
+                     model__motion__glimpse_roll=True).model, rngs=nnx.Rngs(0))
+    z_pose_r, z_dyn_r = rolled(x)
+    np.testing.assert_allclose(z_pose_r, z_pose, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rolled.dynamics(x), z_dyn_r, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rolled.dynamics(x, centres, z_pose[:, 2]), z_dyn_r,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rolled.dynamics(x, centres, jnp.zeros(2)), z_dyn,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("widths", [(0.5,), (0.0, 0.5), (0.5, 1.5)])

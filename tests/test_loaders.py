@@ -114,6 +114,35 @@ def test_stage1_batches_are_the_right_frames(data_dir):
     assert sorted(seen) == list(range(8))  # one epoch = every clip once
 
 
+def test_stage1_contrast_pairs_draw_driving_frames_whose_state_differs(data_dir):
+    """data.contrast_pairs: driving frames where the label differs from the source's (a
+    blink, ~8% of testdata's frames) come far more often than in uniform pairs."""
+    clips = read_all(data_dir)
+
+    def blink_changes(contrast, steps=20):
+        cfg = stage1_cfg(data_dir, contrast_pairs=contrast, contrast_labels=("blink",))
+        changed = []
+        for b in take(iter(loaders.stage1_dataset(cfg)), steps):
+            for k in range(4):
+                i, j, _ = b["frame_index"][k]
+                assert i != j
+                blink = clips[int(b["clip_index"][k])].labels["blink"]
+                changed.append(abs(float(blink[j]) - float(blink[i])) > 0.25)
+        return np.mean(changed)
+
+    uniform, contrast = blink_changes(0.0), blink_changes(1.0)
+    assert uniform < 0.3
+    assert contrast > 0.9
+    # Off by default, and off is the uniform sampler exactly (same frames as before).
+    assert data_stage1("tiny").contrast_pairs == 0.0
+    cfg = stage1_cfg(data_dir)
+    assert_batches_equal(take(iter(loaders.stage1_dataset(cfg)), 1),
+                         take(iter(loaders.stage1_dataset(stage1_cfg(data_dir))), 1))
+    with pytest.raises(ValueError, match="contrast_pairs"):
+        loaders.stage1_dataset(stage1_cfg(data_dir, contrast_pairs=0.5,
+                                          contrast_labels=("no_such_label",)))
+
+
 def test_stage1_resize_augment_and_determinism(data_dir):
     aug = dict(scale=0.1, shift=0.05, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05)
     cfg = stage1_cfg(data_dir, image_size=16)

@@ -287,6 +287,25 @@ def test_spread_loss_hinges_each_dimensions_std():
         losses.spread_loss(jnp.zeros((1, 4)))
 
 
+def test_cross_correlation_loss_scores_linear_dependence():
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=(4096, 3))
+    independent = rng.normal(size=(4096, 5))
+    # Columns of a: a copy of b's first column, its negative, then noise.
+    a = np.concatenate([b[:, :1], -2.0 * b[:, :1], independent[:, :2]], axis=1)
+    loss = float(fl.cross_correlation_loss(jnp.asarray(a), jnp.asarray(b)))
+    np.testing.assert_allclose(loss, 2.0 / 12.0, atol=0.01)  # two of 12 pairs correlate fully
+    assert float(fl.cross_correlation_loss(jnp.asarray(independent), jnp.asarray(b))) < 0.01
+    # Its gradient removes the dependence: a small step lowers the loss.
+    grad = jax.grad(fl.cross_correlation_loss)(jnp.asarray(a[:64]), jnp.asarray(b[:64]))
+    before = float(fl.cross_correlation_loss(jnp.asarray(a[:64]), jnp.asarray(b[:64])))
+    after = float(fl.cross_correlation_loss(jnp.asarray(a[:64]) - 0.5 * grad,
+                                            jnp.asarray(b[:64])))
+    assert after < before
+    with pytest.raises(ValueError, match="N >= 3"):
+        fl.cross_correlation_loss(jnp.zeros((2, 4)), jnp.zeros((2, 3)))
+
+
 def test_cosine_similarity_rows():
     a = jnp.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     b = jnp.array([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])

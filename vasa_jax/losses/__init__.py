@@ -2,7 +2,7 @@
 
   perceptual    VGG19 feature L1 over an image pyramid (face-vid2vid / MegaPortraits)
   gan           hinge adversarial losses + discriminator feature matching
-  face_latent   (region-weighted) L1, VASA-1's l_consist and l_cross-id, z_dyn spread
+  face_latent   (region-weighted) L1, VASA-1's l_consist and l_cross-id, z_dyn spread and pose decorrelation
 
 The frozen networks they use live in vasa_jax.models.vgg19 and vasa_jax.models.face_id.
 """
@@ -13,6 +13,7 @@ from vasa_jax.losses.face_latent import (
     consistency_loss,
     consistency_pair,
     cosine_similarity,
+    cross_correlation_loss,
     cross_identity_loss,
     face_region_mask,
     face_region_weights,
@@ -38,6 +39,7 @@ __all__ = [
     "consistency_loss",
     "consistency_pair",
     "cosine_similarity",
+    "cross_correlation_loss",
     "cross_identity_loss",
     "face_region_mask",
     "face_region_weights",

@@ -187,6 +187,27 @@ def spread_loss(z: jax.Array, target: float = 1.0, eps: float = 1e-4) -> jax.Arr
     return jnp.mean(jax.nn.relu(target - std))
 
 
+def cross_correlation_loss(a: jax.Array, b: jax.Array, eps: float = 1e-4) -> jax.Array:
+    """Mean over (i, j) of corr(a_i, b_j)^2, the Pearson correlations over the batch.
+
+    a [N, D], b [N, E] (N >= 3) -> float32 scalar in [0, 1]; 0 when every column of a is
+    uncorrelated with every column of b in the batch. With b = stop_gradient(head pose)
+    and a = z_dyn it pushes linear pose information out of z_dyn (what a linear probe of
+    pose from z_dyn reads). A batch of N independent columns still scores about 1/(N-1).
+    """
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0] or a.shape[0] < 3:
+        raise ValueError(f"cross_correlation_loss needs [N >= 3, D] and [N, E], got "
+                         f"{a.shape}, {b.shape}")
+
+    def standardise(x):
+        x = x.astype(jnp.float32)
+        x = x - jnp.mean(x, axis=0)
+        return x / jnp.sqrt(jnp.mean(jnp.square(x), axis=0) + eps)
+
+    corr = standardise(a).T @ standardise(b) / a.shape[0]  # [D, E]
+    return jnp.mean(jnp.square(corr))
+
+
 def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
     """Row-wise cosine similarity of [B, E] and [B, E] -> [B] (inputs need not be unit norm)."""
     a = a.astype(jnp.float32)

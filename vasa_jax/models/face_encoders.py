@@ -119,15 +119,18 @@ class IdentityEncoder(ResNetEncoder):
 GLIMPSE_REGIONS = ("eyes", "mouth")
 
 
-def glimpse_image(images: jax.Array, centres: jax.Array, widths: Sequence[float]) -> jax.Array:
+def glimpse_image(images: jax.Array, centres: jax.Array, widths: Sequence[float],
+                  angle: jax.Array | None = None) -> jax.Array:
     """Zoomed crops around face regions, stacked into one image the size of the input.
 
     images [B, S, S, 3]; centres [B, R, 2] region centres (x, y) in [0, 1] image
     coordinates (x right, y down); widths: R crop widths as fractions of the frame (each
-    crop is half as high as wide). Returns [B, S, S, 3]: R horizontal bands of S / R rows,
-    band r = the 2:1 window of width widths[r] around centres[:, r], resampled bilinearly
-    (border padding). With R = 2 each band is a 2x (eyes) to 3x (mouth) zoom of a region a
-    few pixels high in the frame.
+    crop is half as high as wide); angle [B] (radians, optional): the windows turn by it
+    (clockwise on screen for angle > 0, the image's x-y order), so a face turned in the
+    image plane by `angle` reads upright. Returns [B, S, S, 3]: R horizontal bands of
+    S / R rows, band r = the 2:1 window of width widths[r] around centres[:, r], resampled
+    bilinearly (border padding). With R = 2 each band is a 2x (eyes) to 3x (mouth) zoom of
+    a region a few pixels high in the frame.
     """
     b, s = images.shape[0], images.shape[1]
     r = len(widths)
@@ -138,11 +141,17 @@ def glimpse_image(images: jax.Array, centres: jax.Array, widths: Sequence[float]
     rows = s // r
     u = (jnp.arange(s, dtype=jnp.float32) + 0.5) / s - 0.5  # [S] across a band
     v = (jnp.arange(rows, dtype=jnp.float32) + 0.5) / rows - 0.5  # [S / R] down a band
+    if angle is None:
+        angle = jnp.zeros((b,), jnp.float32)
+    cos = jnp.cos(angle)[:, None, None]  # [B, 1, 1]
+    sin = jnp.sin(angle)[:, None, None]
     bands = []
     for k, width in enumerate(widths):
         cx, cy = centres[:, k, 0, None, None], centres[:, k, 1, None, None]  # [B, 1, 1]
-        x = cx + width * u[None, None, :]  # [B, 1, S] in [0, 1] image units
-        y = cy + 0.5 * width * v[None, :, None]  # [B, rows, 1]
+        du = width * u[None, None, :]  # [1, 1, S] window offsets in [0, 1] image units
+        dv = 0.5 * width * v[None, :, None]  # [1, rows, 1]
+        x = cx + cos * du - sin * dv  # [B, rows, S]
+        y = cy + sin * du + cos * dv
         grid = jnp.stack(jnp.broadcast_arrays(2.0 * x - 1.0, 2.0 * y - 1.0), axis=-1)
         bands.append(grid_sample.grid_sample_2d(images, grid, padding_mode="border"))
     return jnp.concatenate(bands, axis=1)
@@ -161,7 +170,9 @@ class MotionEncoder(nnx.Module):
     boxes, vasa_jax.models.face_pose) and the dynamics net reads `glimpse_image` of those
     regions instead of the whole frame. An open mouth is a few pixels of a 64 px face crop
     that the head moves about; zoomed and centred, it is most of the dynamics net's input
-    (docs/experiments.md). Framing and head position stay out of z_dyn.
+    (docs/experiments.md). Framing and head position stay out of z_dyn. `glimpse_roll`
+    also turns the glimpses with the pose net's roll (z_pose's roll is the image-plane
+    angle, warping's convention), so a tilted head reads upright: pose-aligned crops.
     """
 
     def __init__(
@@ -181,6 +192,7 @@ class MotionEncoder(nnx.Module):
         dyn_groups: int | None = None,
         dyn_pool: str | None = None,
         glimpse_widths: Sequence[float] = (),
+        glimpse_roll: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -194,6 +206,7 @@ class MotionEncoder(nnx.Module):
         if self.glimpse_widths and len(self.glimpse_widths) != len(GLIMPSE_REGIONS):
             raise ValueError(f"glimpse_widths: one width per region {GLIMPSE_REGIONS}, got "
                              f"{self.glimpse_widths}")
+        self.glimpse_roll = bool(glimpse_roll)
         out = warping.POSE_DIM + 2 * len(self.glimpse_widths)
         self.pose_net = ResNetEncoder(out_dim=out, head_init_scale=0.1, **common)
         if dyn_groups is not None:
@@ -227,18 +240,23 @@ class MotionEncoder(nnx.Module):
             raise ValueError("MotionEncoder.landmarks needs glimpse_widths")
         return self.split_pose_output(self.pose_net(images))[1]
 
-    def dynamics(self, images: jax.Array, centres: jax.Array | None = None) -> jax.Array:
-        """images (+ their landmarks, else located here) -> z_dyn [B, dyn_dim]."""
+    def dynamics(self, images: jax.Array, centres: jax.Array | None = None,
+                 roll: jax.Array | None = None) -> jax.Array:
+        """images (+ their landmarks and z_pose roll [B], else found here) -> z_dyn
+        [B, dyn_dim]. With `glimpse_roll` the glimpses turn with the head's roll."""
         if self.glimpse_widths:
-            if centres is None:
-                centres = self.landmarks(images)
+            if centres is None or (self.glimpse_roll and roll is None):
+                z_pose, centres = self.split_pose_output(self.pose_net(images))
+                roll = z_pose[:, 2]
+            angle = roll if self.glimpse_roll else None
             # The glimpses are where the dynamics net looks, not something it learns.
-            images = glimpse_image(images, jax.lax.stop_gradient(centres), self.glimpse_widths)
+            images = glimpse_image(images, jax.lax.stop_gradient(centres), self.glimpse_widths,
+                                   None if angle is None else jax.lax.stop_gradient(angle))
         return self.dyn_net(images)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         z_pose, centres = self.split_pose_output(self.pose_net(images))
-        return z_pose, self.dynamics(images, centres)
+        return z_pose, self.dynamics(images, centres, z_pose[:, 2])
 
 
 class DepthGate(nnx.Module):

@@ -69,7 +69,8 @@ def motion_encoder(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs
         max_angles_deg=tuple(m.max_angles_deg), max_translation=m.max_translation,
         max_log_scale=m.max_log_scale, groups=cfg.groups, pool=m.pool,
         dyn_groups=m.get("dyn_groups"), dyn_pool=m.get("dyn_pool"),
-        glimpse_widths=tuple(m.get("glimpse_widths", ())), **dtypes(cfg),
+        glimpse_widths=tuple(m.get("glimpse_widths", ())),
+        glimpse_roll=bool(m.get("glimpse_roll", False)), **dtypes(cfg),
         rngs=rngs,
     )
 

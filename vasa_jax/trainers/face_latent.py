@@ -16,6 +16,7 @@ updates the generator G (FaceLatentModel) and then the discriminator D:
     + cross_id * (1 - cos(E(G.decode(V_app^i, z_id^i, z_pose^d, z_dyn^d)), E(frame i)))
                                                                 VASA-1 l_cross-id (E: face-ID)
     + dyn_std * mean_k max(0, 1 - std(z_dyn_k over [sources; driving]))   no collapse of z_dyn
+    + dyn_pose_decorr * mean corr(z_dyn, sg(z_pose angles))^2 over [sources; driving; cross]
     + pose * L1(angles of z_pose^i, z_pose^j; the frames' pose labels)
         MegaPortraits' pose encoder is pre-trained on head-pose labels; here it learns from
         the dataset's per-frame pose labels (SynthTalk ground truth, or the real-video
@@ -134,7 +135,7 @@ def effective_weights(loss_cfg: ml_collections.ConfigDict) -> dict[str, float]:
     """The loss weights the step uses: cross_id is 0 without a face-ID model (warned)."""
     w = {name: float(loss_cfg[f"{name}_weight"])
          for name in ("l1", "perceptual", "adv", "fm", "consist", "cross_id", "pose",
-                      "dyn_std")}
+                      "dyn_std", "dyn_pose_decorr")}
     if w["cross_id"] > 0 and not loss_cfg.face_id_path:
         logging.warning(
             "loss.cross_id_weight=%g but loss.face_id_path is empty: l_cross-id is OFF. Train "
@@ -214,8 +215,9 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         if k:  # losses.consistency_pair with i = source, j = driving, on k of the b pairs
             jobs["consist_a"] = (v_d, id_d, pose_s[:k], dyn_d[:k])
             jobs["consist_b"] = (v_s[:k], id_s[:k], pose_s[:k], dyn_d[:k])
-        if w["cross_id"] > 0:
+        if w["cross_id"] > 0 or w["dyn_pose_decorr"] > 0:
             pose_c, dyn_c = gen.encode_motion(crs)
+        if w["cross_id"] > 0:
             jobs["cross"] = (v_s, id_s, detach(pose_c), dyn_c)
         out = decode_all(gen, jobs)
         recon = out["recon"]
@@ -240,6 +242,10 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
             terms["consist"] = losses.l1_loss(out["consist_a"], out["consist_b"])
         if w["dyn_std"] > 0:  # over the sources and driving frames (2B codes)
             terms["dyn_std"] = losses.spread_loss(z_dyn)
+        if w["dyn_pose_decorr"] > 0:  # over the source, driving and cross frames (3B)
+            terms["dyn_pose_decorr"] = losses.cross_correlation_loss(
+                jnp.concatenate([z_dyn, dyn_c], axis=0),
+                jax.lax.stop_gradient(jnp.concatenate([z_pose, pose_c], axis=0)[:, :3]))
         if w["cross_id"] > 0:
             embed = functools.partial(face_id.apply, frozen["face_id"])
             terms["cross_id"] = losses.cross_identity_loss(embed, out["cross"], src)
