@@ -193,6 +193,10 @@ def train_config(size: str) -> ml_collections.ConfigDict:
     """
     t = ml_collections.ConfigDict()
     t.total_steps = {"tiny": 200, "small": 100_000, "full": 300_000}[size]
+    # Wall-clock budget of this run's training loop (compilation excluded): it stops at the
+    # first log step past it, saves, and reports stopped_early; running again resumes.
+    # The learning-rate schedule still spans total_steps. 0 = no budget.
+    t.max_minutes = 0.0
     t.log_every = {"tiny": 10, "small": 50, "full": 100}[size]
     t.image_every = {"tiny": 100, "small": 1000, "full": 2500}[size]
     t.image_samples = 4  # batch rows shown in image summaries
@@ -209,6 +213,7 @@ def train_config(size: str) -> ml_collections.ConfigDict:
 def validate_train(t: ml_collections.ConfigDict) -> None:
     check(t.total_steps > 0, f"train.total_steps must be > 0, got {t.total_steps}")
     check(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
+    check(t.max_minutes >= 0, f"train.max_minutes must be >= 0 (0 = off), got {t.max_minutes}")
     for name in ("image_every", "checkpoint_every", "keep_period"):
         check(t[name] >= 0, f"train.{name} must be >= 0 (0 = off), got {t[name]}")
     check(t.image_samples > 0, f"train.image_samples must be > 0, got {t.image_samples}")

@@ -3,6 +3,8 @@
 # the head-pose net, stage 1 (tiny), its evaluation, then stage-1 latents, stage 2 (tiny) and its evaluation.
 #   bash scripts/recipe_cpu.sh WORKDIR [SEED]
 # Budgets on 2 CPU cores (env overrides): STAGE1_STEPS, STAGE2_STEPS, METER_STEPS, IDS, CLIPS;
+# STAGE1_MINUTES (default 55): stage 1's training loop also stops at this wall-clock budget
+# (train.max_minutes; a slower machine trains fewer steps, re-running resumes);
 # CONSIST_WEIGHT (l_consist, default 0: on half the batch it doubles a stage-1 step, and
 # the steps would not fit in 60 minutes; a step costs about 1.25 s on 2 free cores).
 # Every step resumes or skips what WORKDIR already holds, so a stopped recipe can be re-run.
@@ -17,6 +19,7 @@ bash scripts/setup.sh requirements.txt
 PY=.venv/bin/python
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 STAGE1_STEPS="${STAGE1_STEPS:-2700}"
+STAGE1_MINUTES="${STAGE1_MINUTES:-55}"
 CONSIST_WEIGHT="${CONSIST_WEIGHT:-0}"
 STAGE2_STEPS="${STAGE2_STEPS:-1500}"
 METER_STEPS="${METER_STEPS:-1500}"
@@ -51,8 +54,8 @@ JAX_NUM_CPU_DEVICES=2 $PY train.py --config configs/face_latent.py:size=tiny --w
   --config.data.path="$D" --config.seed="$SEED" --config.optim.lr=1e-3 \
   --config.model.motion.pretrained_pose="$W/pose" \
   --config.model.motion.glimpse_widths="$GLIMPSES" \
-  --config.train.total_steps="$STAGE1_STEPS" --config.loss.gan_start_step="$STAGE1_STEPS" \
-  --config.data.batch_size=4 --config.loss.consist_fraction=0.5 \
+  --config.train.total_steps="$STAGE1_STEPS" --config.train.max_minutes="$STAGE1_MINUTES" \
+  --config.loss.gan_start_step="$STAGE1_STEPS" --config.data.batch_size=4 --config.loss.consist_fraction=0.5 \
   --config.loss.consist_weight="$CONSIST_WEIGHT" \
   --config.loss.l1_region_weight=10 --config.model.decoder.dyn_modulation=True \
   --config.loss.dyn_std_weight=1.0 --config.model.decoder.dyn_volume_channels=4 \

@@ -226,6 +226,19 @@ def test_interrupted_run_resumes_like_an_uninterrupted_one(tmp_path):
     assert_trees_equal(params(again), params(straight))
 
 
+def test_time_budget_stops_at_a_log_step_and_resumes(tmp_path):
+    config = toy_config((("data", 2), ("fsdp", 4)), total_steps=7)
+    config.train.log_every = 2
+    config.train.max_minutes = 1e-9  # spent after the first step
+    workdir = str(tmp_path / "budget")
+    first = loop.train(config, workdir, make_stage)
+    assert first.stopped_early and first.step == 2  # the first log step
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+    config.train.max_minutes = 0.0
+    resumed = loop.train(config, workdir, make_stage)
+    assert resumed.step == 7 and not resumed.stopped_early
+
+
 def test_update_ema():
     live, ema = MLP(nnx.Rngs(0)), MLP(nnx.Rngs(1))
     before = nnx.to_pure_dict(nnx.state(ema, nnx.Param))

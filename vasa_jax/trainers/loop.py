@@ -397,6 +397,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             last_saved = at_step
 
         pending: list[Metrics] = []
+        budget = 60.0 * float(t.get("max_minutes", 0.0))  # 0 = no time budget
+        loop_start = time.perf_counter()
         interval_start, data_wait, excluded = time.perf_counter(), 0.0, 0.0
         interval_skipped = skipped
         with _StopRequest() as stop:
@@ -437,12 +439,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                     write_images(step)
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
                     save(step)
+                # train.max_minutes: checked at log steps, so all processes agree on it.
+                out_of_time = (budget > 0 and log_now
+                               and time.perf_counter() - loop_start > budget)
+                if out_of_time:
+                    logging.warning("train.max_minutes=%g reached at step %d",
+                                    t.max_minutes, step)
                 # Several processes must stop at the same step: a local Ctrl-C is agreed on
                 # at log steps (a collective); preemption reaches all through orbax.
                 if jax.process_count() == 1:
-                    stop_now = stop.requested
+                    stop_now = stop.requested or out_of_time
                 else:
-                    stop_now = log_now and _all_agree_to_stop(stop.requested)
+                    stop_now = log_now and _all_agree_to_stop(stop.requested or out_of_time)
                 if (stop_now or checkpointer.reached_preemption(step)) and step < t.total_steps:
                     logging.warning("stopping early at step %d", step)
                     stopped = True

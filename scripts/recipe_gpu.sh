@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU recipe, one command: recipe_cpu.sh's steps at 128 px on one H100/H200.
+#   bash scripts/recipe_gpu.sh WORKDIR [SEED]
+# A face-framed 128 px SynthTalk corpus (rendered on the host's CPU cores), the expression
+# meter, the head-pose net, stage 1 (the tiny architecture at 128 px, batch 32), its
+# evaluation, stage-1 latents, stage 2 (tiny) and its evaluation. Training is capped by
+# wall clock (train.max_minutes): stage 1 STAGE1_MINUTES (default 7), stage 2
+# STAGE2_MINUTES (default 2), so the recipe's training fits 9 minutes whatever the chip;
+# the step counts only set the learning-rate schedules. Checkpoints stay far under 16 MB a
+# file. Env overrides: STAGE1_STEPS, STAGE2_STEPS, STAGE1_MINUTES, STAGE2_MINUTES,
+# METER_STEPS, POSE_STEPS, IDS, CLIPS, WORKERS. Re-running resumes or skips what WORKDIR holds.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+W="${1:?usage: bash scripts/recipe_gpu.sh WORKDIR [SEED]}"
+SEED="${2:-0}"
+mkdir -p "$W"
+W="$(cd "$W" && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh requirements.txt
+PY=.venv/bin/python
+STAGE1_STEPS="${STAGE1_STEPS:-6000}"
+STAGE1_MINUTES="${STAGE1_MINUTES:-7}"
+STAGE2_STEPS="${STAGE2_STEPS:-3000}"
+STAGE2_MINUTES="${STAGE2_MINUTES:-2}"
+METER_STEPS="${METER_STEPS:-3000}"
+POSE_STEPS="${POSE_STEPS:-4000}"
+IDS="${IDS:-64}"
+CLIPS="${CLIPS:-9}"
+WORKERS="${WORKERS:-$(nproc)}"
+SIZE=128
+D="$W/synthtalk"
+GLIMPSES="(0.65,0.4)"
+# The tiny architecture at 128 px: the volume doubles with the image (configs/face_latent.py
+# links image_size = volume.size * 2^2), the encoders read the full resolution.
+ARCH=(--config.data.image_size=$SIZE --config.model.volume.size=$((SIZE / 4))
+      --config.model.motion.input_size=$SIZE --config.model.app.stem=32)
+
+stamp() { echo "recipe [$(date +%H:%M:%S)] $*"; }
+
+if [ ! -f "$D/dataset.json" ]; then
+  stamp "corpus: $IDS identities x $CLIPS clips of 4 s at $SIZE px (one held out per identity)"
+  $PY -m data_pipeline.synthtalk --out "$D" --num_identities "$IDS" --clips_per_identity "$CLIPS" \
+    --seconds 4 --size "$SIZE" --seed "$SEED" --test_clips_per_identity 1 --workers "$WORKERS" \
+    --no_progress
+fi
+
+if [ ! -f "$W/meter/expression_meter.json" ]; then
+  stamp "expression meter ($METER_STEPS steps)"
+  $PY -m vasa_jax.models.expression_meter train --data "$D" --out "$W/meter" \
+    --steps "$METER_STEPS" --batch_size 32 --size "$SIZE"
+fi
+
+if [ ! -f "$W/pose/face_pose.json" ]; then
+  stamp "head-pose and landmark net ($POSE_STEPS steps; frozen in stage 1)"
+  $PY -m vasa_jax.models.face_pose train --data "$D" --out "$W/pose" --steps "$POSE_STEPS" \
+    --batch_size 32 --set model.motion.glimpse_widths="$GLIMPSES" \
+    --set data.image_size=$SIZE --set model.volume.size=$((SIZE / 4)) \
+    --set model.motion.input_size=$SIZE --set model.app.stem=32
+fi
+
+stamp "stage 1 ($STAGE1_STEPS steps or $STAGE1_MINUTES minutes)"
+$PY train.py --config configs/face_latent.py:size=tiny --workdir "$W/face" "${ARCH[@]}" \
+  --config.data.path="$D" --config.seed="$SEED" --config.optim.lr=1e-3 \
+  --config.model.motion.pretrained_pose="$W/pose" \
+  --config.model.motion.glimpse_widths="$GLIMPSES" \
+  --config.train.total_steps="$STAGE1_STEPS" --config.train.max_minutes="$STAGE1_MINUTES" \
+  --config.train.checkpoint_every=1000 --config.loss.gan_start_step="$STAGE1_STEPS" \
+  --config.data.batch_size=32 --config.data.num_workers=8 --config.loss.consist_fraction=0.5 \
+  --config.loss.consist_weight=0 \
+  --config.loss.l1_region_weight=10 --config.model.decoder.dyn_modulation=True \
+  --config.loss.dyn_std_weight=1.0 --config.model.decoder.dyn_volume_channels=4 \
+  --config.model.motion.glimpse_roll=True --config.loss.dyn_pose_decorr_weight=1.0 \
+  --config.data.contrast_pairs=0.5
+stamp "stage 1 evaluation"
+$PY -m vasa_jax.evaluate face_latent --workdir "$W/face" --data "$D" \
+  --expression_meter "$W/meter" --no_progress | tee "$W/face_eval.txt"
+
+if [ ! -f "$W/latents/dataset.json" ]; then
+  stamp "stage-1 latents"
+  $PY -m data_pipeline.extract_latents --face_workdir "$W/face" --data "$D" --out "$W/latents"
+fi
+stamp "stage 2 ($STAGE2_STEPS steps or $STAGE2_MINUTES minutes)"
+$PY train.py --config configs/motion_dit.py:size=tiny --workdir "$W/motion" \
+  --config.data.path="$W/latents" --config.seed="$SEED" \
+  --config.data.motion_source=features:motion --config.data.audio_source=features:audio \
+  --config.train.total_steps="$STAGE2_STEPS" --config.train.max_minutes="$STAGE2_MINUTES"
+stamp "stage 2 evaluation"
+$PY -m vasa_jax.evaluate motion --workdir "$W/motion" --data "$W/latents" --no_progress \
+  --expression_meter "$W/meter" | tee "$W/motion_eval.txt"
+stamp "checkpoint files over 16 MB (none expected):"
+find "$W/face/checkpoints" "$W/motion/checkpoints" -type f -size +16M -print
+stamp "summary"
+tail -n 3 "$W/face_eval.txt"
+tail -n 1 "$W/motion_eval.txt"
