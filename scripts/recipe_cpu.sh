@@ -5,6 +5,7 @@
 # Budgets on 2 CPU cores (env overrides): STAGE1_STEPS, STAGE2_STEPS, METER_STEPS, IDS, CLIPS;
 # STAGE1_MINUTES (default 55): stage 1's training loop also stops at this wall-clock budget
 # (train.max_minutes; a slower machine trains fewer steps, re-running resumes);
+# STAGE2_MINUTES (default 18), the same for stage 2;
 # CONSIST_WEIGHT (l_consist, default 0: on half the batch it doubles a stage-1 step, and
 # the steps would not fit in 60 minutes; a step costs about 1.25 s on 2 free cores).
 # Every step resumes or skips what WORKDIR already holds, so a stopped recipe can be re-run.
@@ -22,6 +23,7 @@ STAGE1_STEPS="${STAGE1_STEPS:-2700}"
 STAGE1_MINUTES="${STAGE1_MINUTES:-55}"
 CONSIST_WEIGHT="${CONSIST_WEIGHT:-0}"
 STAGE2_STEPS="${STAGE2_STEPS:-1500}"
+STAGE2_MINUTES="${STAGE2_MINUTES:-18}"
 METER_STEPS="${METER_STEPS:-1500}"
 IDS="${IDS:-32}"
 CLIPS="${CLIPS:-9}"
@@ -73,7 +75,7 @@ stamp "stage 2 ($STAGE2_STEPS steps)"
 $PY train.py --config configs/motion_dit.py:size=tiny --workdir "$W/motion" \
   --config.data.path="$W/latents" --config.seed="$SEED" \
   --config.data.motion_source=features:motion --config.data.audio_source=features:audio \
-  --config.train.total_steps="$STAGE2_STEPS"
+  --config.train.total_steps="$STAGE2_STEPS" --config.train.max_minutes="$STAGE2_MINUTES"
 stamp "stage 2 evaluation"
 $PY -m vasa_jax.evaluate motion --workdir "$W/motion" --data "$W/latents" --no_progress \
   --expression_meter "$W/meter" | tee "$W/motion_eval.txt"
