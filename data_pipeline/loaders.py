@@ -533,21 +533,6 @@ class Stage2Window(grain.transforms.RandomMap):
         self._n_mels = n_mels
         self._label_names = label_names
 
-    def _pair(self, clip: schema.Clip, rng: np.random.Generator) -> tuple[int, int]:
-        """Source and driving frame numbers, two different frames of the clip: uniform, or
-        with probability `contrast` a driving frame drawn with probability proportional to
-        |l_j - l_i| for one of `contrast_labels` l (uniformly chosen): pairs whose mouth or
-        eye state differs, so rare events (a blink is ~5% of frames) drive the loss often."""
-        i, j = (int(k) for k in rng.choice(clip.num_frames, size=2, replace=False))
-        if self._contrast > 0 and self._contrast_labels and rng.random() < self._contrast:
-            name = self._contrast_labels[int(rng.integers(len(self._contrast_labels)))]
-            values = np.asarray(clip.labels[name], np.float64).reshape(clip.num_frames, -1)
-            diff = np.abs(values - values[i]).sum(axis=1)
-            diff[i] = 0.0
-            if diff.sum() > 0:
-                j = int(rng.choice(clip.num_frames, p=diff / diff.sum()))
-        return i, j
-
     def random_map(self, element: tuple[int, bytes], rng: np.random.Generator):
         record_id, data = element
         try:

@@ -28,10 +28,7 @@ METER_STEPS="${METER_STEPS:-1500}"
 IDS="${IDS:-32}"
 CLIPS="${CLIPS:-9}"
 D="$W/synthtalk"
-# The dynamics encoder reads zoomed eye and mouth glimpses located by the pose net.
-GLIMPSES="(0.65,0.4)"
-
-stamp() { echo "recipe [$(date +%H:%M:%S)] $*"; }
+source scripts/recipe_lib.sh
 
 if [ ! -f "$D/dataset.json" ]; then
   stamp "corpus: $IDS identities x $CLIPS clips of 4 s (one held out per identity), seed $SEED"
@@ -51,34 +48,11 @@ if [ ! -f "$W/pose/face_pose.json" ]; then
     --set model.motion.glimpse_widths="$GLIMPSES"
 fi
 
-stamp "stage 1 ($STAGE1_STEPS steps)"
+stamp "stage 1 ($STAGE1_STEPS steps or $STAGE1_MINUTES minutes)"
 JAX_NUM_CPU_DEVICES=2 $PY train.py --config configs/face_latent.py:size=tiny --workdir "$W/face" \
-  --config.data.path="$D" --config.seed="$SEED" --config.optim.lr=1e-3 \
+  --config.data.path="$D" --config.seed="$SEED" "${STAGE1_FLAGS[@]}" \
   --config.model.motion.pretrained_pose="$W/pose" \
-  --config.model.motion.glimpse_widths="$GLIMPSES" \
   --config.train.total_steps="$STAGE1_STEPS" --config.train.max_minutes="$STAGE1_MINUTES" \
-  --config.loss.gan_start_step="$STAGE1_STEPS" --config.data.batch_size=4 --config.loss.consist_fraction=0.5 \
-  --config.loss.consist_weight="$CONSIST_WEIGHT" \
-  --config.loss.l1_region_weight=10 --config.model.decoder.dyn_modulation=True \
-  --config.loss.dyn_std_weight=1.0 --config.model.decoder.dyn_volume_channels=4 \
-  --config.model.motion.glimpse_roll=True --config.loss.dyn_pose_decorr_weight=1.0 \
-  --config.data.contrast_pairs=0.5
-stamp "stage 1 evaluation"
-$PY -m vasa_jax.evaluate face_latent --workdir "$W/face" --data "$D" \
-  --expression_meter "$W/meter" --no_progress | tee "$W/face_eval.txt"
-
-if [ ! -f "$W/latents/dataset.json" ]; then
-  stamp "stage-1 latents"
-  $PY -m data_pipeline.extract_latents --face_workdir "$W/face" --data "$D" --out "$W/latents"
-fi
-stamp "stage 2 ($STAGE2_STEPS steps)"
-$PY train.py --config configs/motion_dit.py:size=tiny --workdir "$W/motion" \
-  --config.data.path="$W/latents" --config.seed="$SEED" \
-  --config.data.motion_source=features:motion --config.data.audio_source=features:audio \
-  --config.train.total_steps="$STAGE2_STEPS" --config.train.max_minutes="$STAGE2_MINUTES"
-stamp "stage 2 evaluation"
-$PY -m vasa_jax.evaluate motion --workdir "$W/motion" --data "$W/latents" --no_progress \
-  --expression_meter "$W/meter" | tee "$W/motion_eval.txt"
-stamp "summary"
-tail -n 3 "$W/face_eval.txt"
-tail -n 1 "$W/motion_eval.txt"
+  --config.loss.gan_start_step="$STAGE1_STEPS" --config.data.batch_size=4 \
+  --config.loss.consist_weight="$CONSIST_WEIGHT"
+recipe_after_stage1

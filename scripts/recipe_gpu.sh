@@ -29,13 +29,11 @@ CLIPS="${CLIPS:-9}"
 WORKERS="${WORKERS:-$(nproc)}"
 SIZE=128
 D="$W/synthtalk"
-GLIMPSES="(0.65,0.4)"
+source scripts/recipe_lib.sh
 # The tiny architecture at 128 px: the volume doubles with the image (configs/face_latent.py
 # links image_size = volume.size * 2^2), the encoders read the full resolution.
 ARCH=(--config.data.image_size=$SIZE --config.model.volume.size=$((SIZE / 4))
       --config.model.motion.input_size=$SIZE --config.model.app.stem=32)
-
-stamp() { echo "recipe [$(date +%H:%M:%S)] $*"; }
 
 if [ ! -f "$D/dataset.json" ]; then
   stamp "corpus: $IDS identities x $CLIPS clips of 4 s at $SIZE px (one held out per identity)"
@@ -60,35 +58,11 @@ fi
 
 stamp "stage 1 ($STAGE1_STEPS steps or $STAGE1_MINUTES minutes)"
 $PY train.py --config configs/face_latent.py:size=tiny --workdir "$W/face" "${ARCH[@]}" \
-  --config.data.path="$D" --config.seed="$SEED" --config.optim.lr=1e-3 \
+  --config.data.path="$D" --config.seed="$SEED" "${STAGE1_FLAGS[@]}" \
   --config.model.motion.pretrained_pose="$W/pose" \
-  --config.model.motion.glimpse_widths="$GLIMPSES" \
   --config.train.total_steps="$STAGE1_STEPS" --config.train.max_minutes="$STAGE1_MINUTES" \
   --config.train.checkpoint_every=1000 --config.loss.gan_start_step="$STAGE1_STEPS" \
-  --config.data.batch_size=32 --config.data.num_workers=8 --config.loss.consist_fraction=0.5 \
-  --config.loss.consist_weight=0 \
-  --config.loss.l1_region_weight=10 --config.model.decoder.dyn_modulation=True \
-  --config.loss.dyn_std_weight=1.0 --config.model.decoder.dyn_volume_channels=4 \
-  --config.model.motion.glimpse_roll=True --config.loss.dyn_pose_decorr_weight=1.0 \
-  --config.data.contrast_pairs=0.5
-stamp "stage 1 evaluation"
-$PY -m vasa_jax.evaluate face_latent --workdir "$W/face" --data "$D" \
-  --expression_meter "$W/meter" --no_progress | tee "$W/face_eval.txt"
-
-if [ ! -f "$W/latents/dataset.json" ]; then
-  stamp "stage-1 latents"
-  $PY -m data_pipeline.extract_latents --face_workdir "$W/face" --data "$D" --out "$W/latents"
-fi
-stamp "stage 2 ($STAGE2_STEPS steps or $STAGE2_MINUTES minutes)"
-$PY train.py --config configs/motion_dit.py:size=tiny --workdir "$W/motion" \
-  --config.data.path="$W/latents" --config.seed="$SEED" \
-  --config.data.motion_source=features:motion --config.data.audio_source=features:audio \
-  --config.train.total_steps="$STAGE2_STEPS" --config.train.max_minutes="$STAGE2_MINUTES"
-stamp "stage 2 evaluation"
-$PY -m vasa_jax.evaluate motion --workdir "$W/motion" --data "$W/latents" --no_progress \
-  --expression_meter "$W/meter" | tee "$W/motion_eval.txt"
+  --config.data.batch_size=32 --config.data.num_workers=8 --config.loss.consist_weight=0
+recipe_after_stage1
 stamp "checkpoint files over 16 MB (none expected):"
 find "$W/face/checkpoints" "$W/motion/checkpoints" -type f -size +16M -print
-stamp "summary"
-tail -n 3 "$W/face_eval.txt"
-tail -n 1 "$W/motion_eval.txt"

@@ -1,0 +1,45 @@
+# Shared by scripts/recipe_cpu.sh and scripts/recipe_gpu.sh (sourced, not run): the stage-1
+# options both recipes train with, and every step after stage 1. Expects PY, W, D, SEED,
+# STAGE2_STEPS and STAGE2_MINUTES to be set.
+
+# The dynamics encoder reads zoomed eye and mouth glimpses located by the pose net.
+GLIMPSES="(0.65,0.4)"
+
+# Stage 1's model and loss options (docs/experiments.md has what each one bought).
+STAGE1_FLAGS=(
+  --config.optim.lr=1e-3
+  --config.model.motion.glimpse_widths="$GLIMPSES"
+  --config.model.motion.glimpse_roll=True
+  --config.model.decoder.dyn_modulation=True
+  --config.model.decoder.dyn_volume_channels=4
+  --config.loss.l1_region_weight=10
+  --config.loss.dyn_std_weight=1.0
+  --config.loss.dyn_pose_decorr_weight=1.0
+  --config.loss.consist_fraction=0.5
+  --config.data.contrast_pairs=0.5
+)
+
+stamp() { echo "recipe [$(date +%H:%M:%S)] $*"; }
+
+# Stage-1 evaluation, stage-1 latents, stage 2, its evaluation and the summary lines.
+recipe_after_stage1() {
+  stamp "stage 1 evaluation"
+  $PY -m vasa_jax.evaluate face_latent --workdir "$W/face" --data "$D" \
+    --expression_meter "$W/meter" --no_progress | tee "$W/face_eval.txt"
+
+  if [ ! -f "$W/latents/dataset.json" ]; then
+    stamp "stage-1 latents"
+    $PY -m data_pipeline.extract_latents --face_workdir "$W/face" --data "$D" --out "$W/latents"
+  fi
+  stamp "stage 2 ($STAGE2_STEPS steps or $STAGE2_MINUTES minutes)"
+  $PY train.py --config configs/motion_dit.py:size=tiny --workdir "$W/motion" \
+    --config.data.path="$W/latents" --config.seed="$SEED" \
+    --config.data.motion_source=features:motion --config.data.audio_source=features:audio \
+    --config.train.total_steps="$STAGE2_STEPS" --config.train.max_minutes="$STAGE2_MINUTES"
+  stamp "stage 2 evaluation"
+  $PY -m vasa_jax.evaluate motion --workdir "$W/motion" --data "$W/latents" --no_progress \
+    --expression_meter "$W/meter" | tee "$W/motion_eval.txt"
+  stamp "summary"
+  tail -n 3 "$W/face_eval.txt"
+  tail -n 1 "$W/motion_eval.txt"
+}
