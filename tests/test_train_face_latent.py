@@ -64,7 +64,8 @@ def run(data_dir, face_id_dir):
     """Initial state, two steps: the states after each, their metrics."""
     # l1_region_weight: the driving frames' mouth / eye boxes weight the L1 in the step.
     config = tiny_config(data_dir, loss__face_id_path=face_id_dir, data__batch_size=2,
-                         loss__l1_region_weight=4.0, loss__dyn_std_weight=0.5)
+                         loss__l1_region_weight=4.0, loss__dyn_std_weight=0.5,
+                         loss__dyn_pose_decorr_weight=0.5)
     # unsafe_rbg: initialisers compile several times faster on CPU than threefry.
     with jax.default_prng_impl("unsafe_rbg"), jax.threefry_partitionable(False):
         stage = face_latent.make_stage(config)
@@ -114,7 +115,8 @@ def test_two_steps_update_generator_discriminator_and_ema(run):
     for m in (m0, m1):
         assert all(np.isfinite(v) for v in m.values()), m
         for key in ("loss/g_total", "loss/l1", "loss/perceptual", "loss/adv", "loss/fm",
-                    "loss/consist", "loss/cross_id", "loss/pose", "loss/dyn_std", "loss/d",
+                    "loss/consist", "loss/cross_id", "loss/pose", "loss/dyn_std",
+                    "loss/dyn_pose_decorr", "loss/d",
                     "d/acc_real", "d/acc_fake",
                     "psnr/recon", "z_dyn/std", "grad_norm/g", "grad_norm/d", "update_norm/g",
                     "update_norm/d", "lr/g", "lr/d"):
@@ -123,6 +125,7 @@ def test_two_steps_update_generator_discriminator_and_ema(run):
         assert 0 < m["loss/pose"] < 1  # radians: untrained z_pose vs labels of a few degrees
         assert 0 <= m["loss/cross_id"] <= 2 and 0 < m["psnr/recon"] < 60
         assert m["update_norm/g"] > 0
+        assert 0 <= m["loss/dyn_pose_decorr"] <= 1  # a mean squared correlation
     # GAN off at step 0 (gan_start_step=1): no adversarial terms, no D update.
     assert m0["gan/on"] == 0 and m0["loss/adv"] == 0 and m0["loss/d"] == 0
     assert m0["update_norm/d"] == 0
@@ -196,7 +199,8 @@ def test_ablations_remove_their_terms(run, data_dir):
                                               loss__fm_weight=0.0, loss__perceptual_weight=0.0))
     assert not {"loss/adv", "loss/fm", "loss/d", "loss/perceptual"} & set(no_gan)
     assert "loss/pose" not in _traced_metrics(run, tiny_config(data_dir, loss__pose_weight=0.0))
-    assert "loss/dyn_std" not in _traced_metrics(run, tiny_config(data_dir))  # off by default
+    off = _traced_metrics(run, tiny_config(data_dir))
+    assert "loss/dyn_std" not in off and "loss/dyn_pose_decorr" not in off  # off by default
     no_pose = tiny_config(data_dir, loss__pose_weight=0.0, loss__perceptual_weight=0.0)
     assert "labels" not in face_latent.make_stage(no_pose).batch_keys
 
