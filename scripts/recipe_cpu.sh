@@ -10,14 +10,8 @@
 # the steps would not fit in 60 minutes; a step costs about 1.25 s on 2 free cores).
 # Every step resumes or skips what WORKDIR already holds, so a stopped recipe can be re-run.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-W="${1:?usage: bash scripts/recipe_cpu.sh WORKDIR [SEED]}"
-SEED="${2:-0}"
-mkdir -p "$W"
-W="$(cd "$W" && pwd)"
-cd "$ROOT"
-bash scripts/setup.sh requirements.txt
-PY=.venv/bin/python
+source "$(dirname "${BASH_SOURCE[0]}")/recipe_lib.sh"
+recipe_start scripts/recipe_cpu.sh "$@"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 STAGE1_STEPS="${STAGE1_STEPS:-2700}"
 STAGE1_MINUTES="${STAGE1_MINUTES:-55}"
@@ -27,8 +21,6 @@ STAGE2_MINUTES="${STAGE2_MINUTES:-18}"
 METER_STEPS="${METER_STEPS:-1500}"
 IDS="${IDS:-32}"
 CLIPS="${CLIPS:-9}"
-D="$W/synthtalk"
-source scripts/recipe_lib.sh
 
 if [ ! -f "$D/dataset.json" ]; then
   stamp "corpus: $IDS identities x $CLIPS clips of 4 s (one held out per identity), seed $SEED"

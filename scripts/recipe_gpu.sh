@@ -10,14 +10,8 @@
 # file. Env overrides: STAGE1_STEPS, STAGE2_STEPS, STAGE1_MINUTES, STAGE2_MINUTES,
 # METER_STEPS, POSE_STEPS, IDS, CLIPS, WORKERS. Re-running resumes or skips what WORKDIR holds.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-W="${1:?usage: bash scripts/recipe_gpu.sh WORKDIR [SEED]}"
-SEED="${2:-0}"
-mkdir -p "$W"
-W="$(cd "$W" && pwd)"
-cd "$ROOT"
-bash scripts/setup.sh requirements.txt
-PY=.venv/bin/python
+source "$(dirname "${BASH_SOURCE[0]}")/recipe_lib.sh"
+recipe_start scripts/recipe_gpu.sh "$@"
 STAGE1_STEPS="${STAGE1_STEPS:-6000}"
 STAGE1_MINUTES="${STAGE1_MINUTES:-7}"
 STAGE2_STEPS="${STAGE2_STEPS:-3000}"
@@ -28,8 +22,6 @@ IDS="${IDS:-64}"
 CLIPS="${CLIPS:-9}"
 WORKERS="${WORKERS:-$(nproc)}"
 SIZE=128
-D="$W/synthtalk"
-source scripts/recipe_lib.sh
 # The tiny architecture at 128 px: the volume doubles with the image (configs/face_latent.py
 # links image_size = volume.size * 2^2), the encoders read the full resolution.
 ARCH=(--config.data.image_size=$SIZE --config.model.volume.size=$((SIZE / 4))

@@ -1,6 +1,20 @@
-# Shared by scripts/recipe_cpu.sh and scripts/recipe_gpu.sh (sourced, not run): the stage-1
-# options both recipes train with, and every step after stage 1. Expects PY, W, D, SEED,
-# STAGE2_STEPS and STAGE2_MINUTES to be set.
+# Shared by scripts/recipe_cpu.sh and scripts/recipe_gpu.sh (sourced, not run): the set-up
+# (recipe_start), the stage-1 options both recipes train with, and every step after stage 1
+# (recipe_after_stage1, which also needs STAGE2_STEPS and STAGE2_MINUTES).
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# recipe_start SCRIPT WORKDIR [SEED]: sets W (absolute), SEED, D (the corpus), PY; cds to ROOT
+# and installs the requirements.
+recipe_start() {
+  W="${2:?usage: bash $1 WORKDIR [SEED]}"
+  SEED="${3:-0}"
+  mkdir -p "$W"
+  W="$(cd "$W" && pwd)"
+  D="$W/synthtalk"
+  cd "$ROOT"
+  bash scripts/setup.sh requirements.txt
+  PY=.venv/bin/python
+}
 
 # The dynamics encoder reads zoomed eye and mouth glimpses located by the pose net.
 GLIMPSES="(0.65,0.4)"
