@@ -102,10 +102,12 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
     # dyn_volume_channels E > 0: an expression volume (face_decoder.ExpressionVolume), E
     # channels that are a learnt linear map of z_dyn in canonical space, joins V_app before
     # the driving warp: a local route (features where the mouth is). 0 = off.
+    # conv_before_up: each upsampling block's first conv runs before the x2 upsampling
+    # (layers.ResBlock): 4x cheaper; the second conv still works at the new resolution.
     m.decoder = ml_collections.ConfigDict(
         dict(channels=pick(128, 256, 512), blocks=pick(1, 6, 8),
              up_channels=pick((64, 32), (128, 64), (256, 128, 64)), dyn_modulation=False,
-             dyn_volume_channels=0)
+             dyn_volume_channels=0, conv_before_up=False)
     )
     # Multi-scale patch discriminator (spectral-normalised convs).
     m.discriminator = ml_collections.ConfigDict(

@@ -761,6 +761,43 @@ def test_resblock_bf16_compute_and_remat_gradients_match():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(a))))
 
 
+@pytest.mark.parametrize("down", [None, (2, 2)])
+def test_resblock_resampling_matches_the_textbook_order(down):
+    """The skip and norm run before the upsampling (they commute with it): the block must
+    still equal upsample -> [norm, relu, conv] x 2 + skip(upsampled x), or the pooled form."""
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+    cond = jax.random.normal(jax.random.key(2), (2, 3))
+    up = None if down else (2, 2)
+    block = layers.ResBlock(8, 12, ndim=2, groups=4, cond_dim=3, up=up, down=down,
+                            rngs=nnx.Rngs(0))
+    h = layers.upsample_nearest(x, up) if up else x
+    pre = lambda n, t: layers.relu(n(t, cond))  # noqa: E731
+    main = block.conv1(pre(block.norm1, h))
+    skip = block.skip(layers.avg_pool(h, down) if down else h)
+    main = layers.avg_pool(main, down) if down else main
+    expected = block.conv2(pre(block.norm2, main)) + skip
+    np.testing.assert_allclose(np.asarray(block(x, cond)), np.asarray(expected), atol=1e-4)
+
+
+def test_resblock_conv_before_up_runs_the_first_conv_at_the_input_resolution():
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+    block = layers.ResBlock(8, 12, ndim=2, groups=4, up=(2, 2), conv_before_up=True,
+                            rngs=nnx.Rngs(0))
+    late = layers.ResBlock(8, 12, ndim=2, groups=4, up=(2, 2), rngs=nnx.Rngs(0))
+    h = layers.upsample_nearest(block.conv1(layers.relu(block.norm1(x))), (2, 2))
+    expected = (block.conv2(layers.relu(block.norm2(h)))
+                + layers.upsample_nearest(block.skip(x), (2, 2)))
+    y = block(x)
+    assert y.shape == (2, 8, 8, 12)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(expected), atol=1e-4)
+    # Same parameters, a different function: the first conv's place matters.
+    assert float(jnp.max(jnp.abs(y - late(x)))) > 1e-3
+    # Reaches the decoder from the config.
+    cfg = configs.load("configs/face_latent.py:size=tiny",
+                       model__decoder__conv_before_up=True).model
+    assert face_latent.create_model(cfg, 0).decoder.generator.up_blocks[0].conv_before_up
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [

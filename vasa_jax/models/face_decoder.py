@@ -61,6 +61,7 @@ class ImageGenerator(nnx.Module):
         up_channels: Sequence[int],
         groups: int,
         cond_dim: int | None = None,
+        conv_before_up: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -73,7 +74,8 @@ class ImageGenerator(nnx.Module):
         ])
         ups, c = [], channels
         for out in up_channels:
-            ups.append(layers.ResBlock(c, out, up=(2, 2), **block))
+            ups.append(layers.ResBlock(c, out, up=(2, 2), conv_before_up=conv_before_up,
+                                       **block))
             c = out
         self.up_blocks = nnx.List(ups)
         self.norm = layers.GroupNorm(c, groups=groups, **kw)
@@ -128,6 +130,7 @@ class FaceDecoder(nnx.Module):
         groups: int,
         dyn_modulation: bool = False,
         dyn_volume_channels: int = 0,
+        conv_before_up: bool = False,
         remat: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -147,7 +150,7 @@ class FaceDecoder(nnx.Module):
         self.dyn_modulation = dyn_modulation
         self.generator = ImageGenerator(
             channels=channels, blocks=blocks, up_channels=up_channels, groups=groups,
-            cond_dim=dyn_dim if dyn_modulation else None, **kw
+            cond_dim=dyn_dim if dyn_modulation else None, conv_before_up=conv_before_up, **kw
         )
 
     def __call__(

@@ -116,7 +116,8 @@ class FaceLatentModel(nnx.Module):
             id_dim=cfg.id.dim, warp=warp_kwargs(cfg), channels=d.channels, blocks=d.blocks,
             up_channels=tuple(d.up_channels), groups=cfg.groups,
             dyn_modulation=d.get("dyn_modulation", False),
-            dyn_volume_channels=d.get("dyn_volume_channels", 0), remat=cfg.remat, **kw,
+            dyn_volume_channels=d.get("dyn_volume_channels", 0),
+            conv_before_up=d.get("conv_before_up", False), remat=cfg.remat, **kw,
         )
 
     def encode_motion(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
