@@ -136,8 +136,9 @@ def test_frozen_pose_net_is_left_out_of_the_optimizer(trained, freeze):
 
 def test_glimpse_landmarks_are_learnt_with_the_pose_and_required_by_stage1(trained, tmp_path):
     """With model.motion.glimpse_widths the pose net also learns the eye and mouth centres
-    (box labels); its export is a different architecture from a pose-only one, and stage 1
-    refuses glimpses without such a fixed pre-trained net."""
+    (box labels; here with the rotation augmentation, which turns them too); its export is
+    a different architecture from a pose-only one, and stage 1 refuses glimpses without
+    such a fixed pre-trained net."""
     from data_pipeline import schema
 
     _, pose_only, _ = trained
@@ -148,9 +149,11 @@ def test_glimpse_landmarks_are_learnt_with_the_pose_and_required_by_stage1(train
     assert face_pose.main(["train", "--data", data, "--out", out, "--steps", "150",
                            "--batch_size", "8", "--lr", "2e-3", "--num_workers", "0",
                            "--set", "model.motion.glimpse_widths=(0.6,0.4)",
-                           "--set", "data.aug.shift=0.0", "--set", "data.aug.scale=0.0"]) == 0
+                           "--set", "data.aug.shift=0.0", "--set", "data.aug.scale=0.0",
+                           "--rotate_deg", "5"]) == 0
     with open(os.path.join(out, face_pose.CONFIG_FILE)) as f:
         meta = json.load(f)
+    assert meta["train"]["rotate_deg"] == 5.0  # trained with the rotation augmentation
     assert meta["arch"]["landmarks"] == ["eyes_box", "mouth_box"]
     err = meta["metrics"]["test_landmark_px"]
     assert set(err) == {"eyes", "mouth"}
@@ -176,3 +179,78 @@ def test_glimpse_landmarks_are_learnt_with_the_pose_and_required_by_stage1(train
     params = face_pose.load_pose_params(out, config.model)
     ts = nnx.eval_shape(lambda: face_latent.TrainState(config, params))
     assert not any("pose_net" in p for p in _opt_paths(ts))
+
+
+def _rotation_case(renderer, pose, angle):
+    """rotate_batch of a SynthTalk render at `pose` (SynthTalk's "face" camera, distance 1)
+    by `angle` -> (image, labels, centres, framing, the pose a render needs to match)."""
+    from data_pipeline.synthtalk.render import FRAMINGS, neutral_frame
+
+    camera = FRAMINGS["face"]
+    frame = neutral_frame(pose=pose)
+    boxes = renderer.boxes(frame)
+    labels = np.asarray(pose, np.float32)[None]
+    framing = np.asarray(warping.framing_from_labels(labels, np.ones(1), camera.half_extent))
+    image, labels, centres, framing = face_pose.rotate_batch(
+        renderer.render(frame)[None].astype(np.float32) / 127.5 - 1.0, labels,
+        np.asarray(face_pose.box_centres({k: v[None] for k, v in boxes.items()})), framing,
+        np.array([angle]), np.array([[0.0, camera.center_y / camera.half_extent]]))
+    # The head where the turned framing says it is (framing_from_labels inverted).
+    tx, ty = framing[0, :2] * camera.half_extent * np.array([1.0, -1.0])
+    return image[0], labels[0], centres[0], framing[0], [*labels[0, :3], tx, ty, pose[5]]
+
+
+@pytest.mark.parametrize("angle", [10.0, -10.0])
+def test_rotation_augmentation_matches_a_rolled_render(angle):
+    """A SynthTalk head turned in the image by +-10 degrees (+ = counter-clockwise) looks like
+    its render at that roll (moved where the turned framing target puts it), not at the
+    opposite one; its box centres land within a pixel of the render's."""
+    from data_pipeline.synthtalk.identity import sample_identity
+    from data_pipeline.synthtalk.render import HeadRenderer, neutral_frame
+
+    renderer = HeadRenderer(sample_identity(0, 3), 64, 2)
+
+    def render(pose):
+        frame = neutral_frame(pose=pose)
+        boxes = renderer.boxes(frame)
+        return (renderer.render(frame).astype(np.float32) / 127.5 - 1.0,
+                np.asarray(face_pose.box_centres({k: v[None] for k, v in boxes.items()}))[0])
+
+    upright = [0.0, 0.0, 0.0, 0.05, 0.12, 7.0]
+    image, labels, centres, _, pose = _rotation_case(renderer, upright, angle)
+    np.testing.assert_allclose(labels, [0.0, 0.0, angle, *upright[3:]], atol=1e-4)
+    target, target_centres = render(pose)
+    opposite = _rotation_case(renderer, upright, -angle)[0]
+    err = float(np.abs(image - target).mean())
+    assert err < 0.6 * float(np.abs(opposite - target).mean()), err
+    assert np.linalg.norm((centres - target_centres) * 64, axis=-1).max() < 1.0
+    # A turned and tilted head: the image turn is about the camera axis, roll is applied in
+    # the head frame (R = Ry Rx Rz(roll)): yaw and pitch change too, and the exact labels
+    # match the render better than roll + angle alone.
+    image, labels, centres, _, pose = _rotation_case(renderer, [20.0, 8.0, 0.0, 0.0, 0.12, 7.0],
+                                                     angle)
+    naive = [20.0, 8.0, angle, *pose[3:]]
+    assert abs(labels[0] - 20.0) > 1.0 and abs(labels[1] - 8.0) > 2.0, labels
+    target, target_centres = render(pose)
+    assert float(np.abs(image - target).mean()) < 0.8 * float(
+        np.abs(image - render(naive)[0]).mean())
+    assert np.linalg.norm((centres - target_centres) * 64, axis=-1).max() < 1.0
+
+
+def test_rotation_by_zero_changes_nothing():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
+    labels = rng.uniform(-10, 10, (3, 6)).astype(np.float32)
+    centres = rng.uniform(0, 1, (3, 2, 2)).astype(np.float32)
+    framing = np.asarray(warping.framing_from_labels(labels, np.ones(3), 1.12))
+    out = face_pose.rotate_batch(images, labels, centres, framing, np.zeros(3),
+                                 np.tile([0.0, -0.2], (3, 1)))
+    for got, want in zip(out, (images, labels, centres, framing), strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    # Turning by a whole turn's quarter and back is the identity on the labels.
+    turned = face_pose.rotate_batch(images, labels, centres, framing, np.full(3, 90.0))
+    back = face_pose.rotate_batch(*turned, np.full(3, -90.0))
+    for got, want in zip(back[1:], (labels, centres, framing)):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert face_pose.TrainSettings().rotate_deg == 0.0  # off by default

@@ -17,12 +17,15 @@ parameters drop into `motion_encoder.pose_net`):
          + L1(landmarks; eye / mouth box centres)     with model.motion.glimpse_widths
 
 Frames come from the stage-1 loader (source, driving and cross frames: three labelled
-faces per example, with its scale/shift/colour jitter). Held-out evaluation: R^2 of each
-angle (and of tx, ty, scale with framing labels) on the test split's frames (other clips of
-the training identities).
+faces per example, with its scale/shift/colour jitter), optionally turned in the image
+plane (--rotate_deg, `rotate_batch`: the angle, framing and landmark targets turn with
+them; without it, a corpus with few distinct roll trajectories has its roll learnt by
+heart). Held-out evaluation: R^2 of each angle (and of tx, ty, scale with framing labels)
+on the test split's frames (other clips of the training identities).
 
     python -m vasa_jax.models.face_pose train --config configs/face_latent.py:size=tiny \\
-        --data DIR --out OUT [--steps N] [--batch_size B] [--lr LR] [--set FIELD=VALUE]
+        --data DIR --out OUT [--steps N] [--batch_size B] [--lr LR] [--rotate_deg D]
+        [--set FIELD=VALUE]
 
 writes OUT/params (the pose net's parameters, `vasa_jax.checkpointing.export_params`) and
 OUT/face_pose.json (the model config's motion section, settings, metrics). Stage 1 uses it
@@ -38,6 +41,7 @@ import os
 import time
 from typing import Any, Sequence
 
+import cv2
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -67,6 +71,9 @@ class TrainSettings:
     log_every: int = 100
     eval_frames_per_clip: int = 16
     eval_max_clips: int = 2000
+    # In-plane rotation augmentation: each training image turns by an angle drawn uniformly
+    # in [-rotate_deg, rotate_deg] degrees (`rotate_batch`); 0 = off.
+    rotate_deg: float = 0.0
 
 
 def _arch(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -88,6 +95,65 @@ def box_centres(labels: Any) -> jax.Array:
     """{name: boxes [B, 4] (x0, y0, x1, y1)} -> centres [B, R, 2] of GLIMPSE_BOXES."""
     boxes = jnp.stack([jnp.asarray(labels[name]) for name in GLIMPSE_BOXES], axis=1)
     return 0.5 * (boxes[..., :2] + boxes[..., 2:])
+
+
+def rotate_batch(images: np.ndarray, pose_labels: np.ndarray, centres: np.ndarray,
+                 framing: np.ndarray | None, angles_deg: np.ndarray,
+                 framing_origin: np.ndarray | None = None):
+    """In-plane rotation augmentation: each image turned counter-clockwise (as seen) by its
+    angle about the image centre, and the labels the pose net learns moved with it.
+
+    Args:
+      images: [B, S, S, C] float; bilinear, reflected borders (as the loader's jitter).
+      pose_labels: [B, 6] (data_pipeline.schema: yaw, pitch, roll in degrees, tx, ty, tz).
+      centres: [B, R, 2] box centres in [0, 1] image coordinates (x right, y down).
+      framing: [B, 4] warping.framing_from_labels targets (tx, ty, tz, scale), or None.
+      angles_deg: [B] turns in degrees; + is counter-clockwise in the image, which is + roll.
+      framing_origin: [B, 2] where framing's (tx, ty) = (0, 0) is in the image, in its
+        units (normalised [-1, 1], y down, from the image centre); None = the centre.
+        framing_from_labels measures from the principal point, which the loader's zoom
+        moves: zoom * (0, camera center_y / half_extent).
+
+    Returns (images, pose_labels, centres, framing), the same shapes.
+
+    A turn about the optical axis is exactly a rotation Rz(a) of the scene about the
+    camera's z axis. The renderer applies roll first (R = Ry Rx Rz(roll), in the head
+    frame), not last about the camera axis, so Rz(a) R is a pure roll change only at yaw =
+    pitch = 0: the label angles are the exact Euler angles of Rz(a) R (at yaw 20, pitch 8,
+    a 10 degree turn gives yaw 18.4, pitch 11.3, roll 9.6). The image turns about its
+    centre, not the principal point (SynthTalk's "face" framing puts it ~7 px above the
+    centre at 64 px): the difference is a shift of the image, like the loader's shift
+    jitter (a camera pan of < 0.5 degrees for |a| <= 15), which moves the head: the framing
+    targets follow it. The labels' tx, ty, tz are returned as they are (the translation the
+    net learns is `framing`'s).
+    """
+    a = np.radians(np.asarray(angles_deg, np.float64))
+    cos, sin = np.cos(a), np.sin(a)
+    # Points in y-down image coordinates, (dx, dy) from the centre -> as seen turned by +a.
+    turn = np.stack([np.stack([cos, sin], -1), np.stack([-sin, cos], -1)], -2)  # [B, 2, 2]
+    size = images.shape[1]
+    out = np.empty_like(images)
+    for i, img in enumerate(images):
+        m = cv2.getRotationMatrix2D(((size - 1) / 2.0, (size - 1) / 2.0), float(angles_deg[i]),
+                                    1.0)  # + is counter-clockwise (y points down)
+        out[i] = cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_REFLECT_101).reshape(img.shape)
+    # The labels' Euler convention is SynthTalk's (dataset.json extra.camera.rotation).
+    from data_pipeline.synthtalk.render import matrix_to_pose, rotation_matrix
+
+    rz = np.zeros((len(a), 3, 3))
+    rz[:, :2, :2] = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
+    rz[:, 2, 2] = 1.0  # Rz(a) on camera (x right, y up, z away): + turns counter-clockwise
+    angles = [matrix_to_pose(r @ rotation_matrix(*map(float, p[:3])))
+              for r, p in zip(rz, pose_labels)]
+    pose = np.concatenate([angles, pose_labels[:, 3:]], -1).astype(pose_labels.dtype)
+    centres = np.clip(0.5 + np.einsum("bij,brj->bri", turn, centres - 0.5), 0.0, 1.0)
+    if framing is not None:
+        framing = np.asarray(framing)
+        origin = 0.0 if framing_origin is None else np.asarray(framing_origin, np.float64)
+        t = np.einsum("bij,bj->bi", turn, framing[:, :2] + origin) - origin
+        framing = np.concatenate([t, framing[:, 2:]], -1).astype(framing.dtype)
+    return out, pose, centres.astype(np.float32), framing
 
 
 def _r2(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -212,6 +278,12 @@ def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
         return optax.apply_updates(params, updates), opt_state, loss
 
     ds = loaders.stage1_dataset(data_cfg)
+    rng = np.random.default_rng(settings.seed)  # the rotation augmentation's angles
+    # framing_from_labels measures tx, ty from the principal point, which SynthTalk's
+    # "face" framing puts above the image centre (camera center_y < 0; rotate_batch's
+    # framing_origin).
+    principal_y = (float(info.extra.get("camera", {}).get("center_y", 0.0)) / half_extent
+                   if half_extent is not None else 0.0)
     start, history = time.perf_counter(), []
     for step, batch in zip(range(1, settings.steps + 1), iter(ds)):
         images = np.concatenate([batch["source"], batch["driving"], batch["cross"]])
@@ -224,6 +296,12 @@ def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
             framing = warping.framing_from_labels(
                 poses, np.concatenate([f["distance"] for f in frame_labels]), half_extent,
                 np.concatenate([batch["jitter"][:, k] for k in range(3)]))
+        if settings.rotate_deg > 0:
+            zoom = np.concatenate([batch["jitter"][:, k, 0] for k in range(3)])
+            images, poses, centres, framing = rotate_batch(
+                images, poses, centres, framing,
+                rng.uniform(-settings.rotate_deg, settings.rotate_deg, len(images)),
+                zoom[:, None] * np.asarray([0.0, principal_y]))
         params, opt_state, loss = train_step(params, opt_state, images, poses, framing,
                                              centres)
         if step % settings.log_every == 0 or step == settings.steps:
@@ -307,15 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (params + face_pose.json)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. model.motion.glimpse_widths=(0.65,0.4)")
-    for name in ("steps", "batch_size", "lr", "seed", "num_workers", "log_every"):
+    names = ("steps", "batch_size", "lr", "seed", "num_workers", "log_every", "rotate_deg")
+    for name in names:
         default = getattr(TrainSettings, name)
         p.add_argument(f"--{name}", type=type(default), default=default)
     args = parser.parse_args(argv)
 
     def run() -> dict[str, Any]:
         config = configs.load(args.config, **configs.parse_overrides(args.set))
-        settings = TrainSettings(**{k: getattr(args, k) for k in (
-            "steps", "batch_size", "lr", "seed", "num_workers", "log_every")})
+        settings = TrainSettings(**{k: getattr(args, k) for k in names})
         return train(config, args.data, args.out, settings=settings)
 
     return cli.run_training(run)
