@@ -3,7 +3,7 @@
 # the head-pose net, stage 1 (tiny), its evaluation, then stage-1 latents, stage 2 (tiny) and its evaluation.
 #   bash scripts/recipe_cpu.sh WORKDIR [SEED]
 # Budgets on 2 CPU cores (env overrides): STAGE1_STEPS, STAGE2_STEPS, METER_STEPS, IDS, CLIPS;
-# STAGE1_MINUTES (default 55): stage 1's training loop also stops at this wall-clock budget
+# STAGE1_MINUTES (default 56): stage 1's training loop also stops at this wall-clock budget
 # (train.max_minutes; a slower machine trains fewer steps, re-running resumes);
 # STAGE2_MINUTES (default 18), the same for stage 2;
 # CONSIST_WEIGHT (l_consist, default 0: on half the batch it doubles a stage-1 step, and
@@ -13,8 +13,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/recipe_lib.sh"
 recipe_start scripts/recipe_cpu.sh "$@"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-STAGE1_STEPS="${STAGE1_STEPS:-2700}"
-STAGE1_MINUTES="${STAGE1_MINUTES:-55}"
+STAGE1_STEPS="${STAGE1_STEPS:-3400}"
+STAGE1_MINUTES="${STAGE1_MINUTES:-56}"
 CONSIST_WEIGHT="${CONSIST_WEIGHT:-0}"
 STAGE2_STEPS="${STAGE2_STEPS:-1500}"
 STAGE2_MINUTES="${STAGE2_MINUTES:-18}"
@@ -37,7 +37,7 @@ fi
 if [ ! -f "$W/pose/face_pose.json" ]; then
   stamp "head-pose and landmark net (2500 steps; frozen in stage 1)"
   $PY -m vasa_jax.models.face_pose train --data "$D" --out "$W/pose" --steps 2500 \
-    --set model.motion.glimpse_widths="$GLIMPSES"
+    --rotate_deg "$POSE_ROTATE_DEG" --set model.motion.glimpse_widths="$GLIMPSES"
 fi
 
 stamp "stage 1 ($STAGE1_STEPS steps or $STAGE1_MINUTES minutes)"

@@ -43,7 +43,7 @@ fi
 if [ ! -f "$W/pose/face_pose.json" ]; then
   stamp "head-pose and landmark net ($POSE_STEPS steps; frozen in stage 1)"
   $PY -m vasa_jax.models.face_pose train --data "$D" --out "$W/pose" --steps "$POSE_STEPS" \
-    --batch_size 32 --set model.motion.glimpse_widths="$GLIMPSES" \
+    --batch_size 32 --rotate_deg "$POSE_ROTATE_DEG" --set model.motion.glimpse_widths="$GLIMPSES" \
     --set data.image_size=$SIZE --set model.volume.size=$((SIZE / 4)) \
     --set model.motion.input_size=$SIZE --set model.app.stem=32
 fi

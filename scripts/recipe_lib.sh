@@ -18,6 +18,9 @@ recipe_start() {
 
 # The dynamics encoder reads zoomed eye and mouth glimpses located by the pose net.
 GLIMPSES="(0.65,0.4)"
+# The pose net's training turns its images by up to this many degrees (face_pose
+# --rotate_deg): without it, it learns the corpus's few roll trajectories by heart.
+POSE_ROTATE_DEG=15
 
 # Stage 1's model and loss options (docs/experiments.md has what each one bought).
 STAGE1_FLAGS=(
@@ -26,6 +29,7 @@ STAGE1_FLAGS=(
   --config.model.motion.glimpse_roll=True
   --config.model.decoder.dyn_modulation=True
   --config.model.decoder.dyn_volume_channels=4
+  --config.model.decoder.conv_before_up=True
   --config.loss.l1_region_weight=10
   --config.loss.dyn_std_weight=1.0
   --config.loss.dyn_pose_decorr_weight=1.0
