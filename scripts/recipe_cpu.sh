@@ -13,7 +13,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/recipe_lib.sh"
 recipe_start scripts/recipe_cpu.sh "$@"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-STAGE1_STEPS="${STAGE1_STEPS:-3400}"
+STAGE1_STEPS="${STAGE1_STEPS:-5000}"
 STAGE1_MINUTES="${STAGE1_MINUTES:-56}"
 CONSIST_WEIGHT="${CONSIST_WEIGHT:-0}"
 STAGE2_STEPS="${STAGE2_STEPS:-1500}"
