@@ -251,6 +251,9 @@ def loss_config(size: str) -> ml_collections.ConfigDict:
     # boxes when the data has mouth_box / eyes_box labels (SynthTalk), else fixed face-crop
     # boxes (losses.FACE_REGIONS). EMOPortraits weights mouth and eyes 500 to 1.
     l.l1_region_weight = 0.0
+    # The eyes box's own extra weight (None: l1_region_weight). A blink moves a few dozen
+    # pixels against the mouth's hundreds: a heavier eye weight asks z_dyn for the lids.
+    l.l1_eyes_weight = ml_collections.config_dict.placeholder(float)
     # tiny: 0. Its VGG19 is random unless weights are given (no perceptual prior), and at
     # 64 px it is ~85% of a CPU step (64 of ~75 GFLOP at batch 8): PSNR-driven CPU runs
     # are faster without it. Tests switch it on.
@@ -299,6 +302,8 @@ def validate_loss(l: ml_collections.ConfigDict, image_size: int) -> None:  # noq
                "dyn_pose_decorr_weight")
     for name in weights:
         common.check(l[name] >= 0, f"loss.{name} must be >= 0, got {l[name]}")
+    common.check(l.get("l1_eyes_weight") is None or l.l1_eyes_weight >= 0,
+                 f"loss.l1_eyes_weight must be >= 0 (or None), got {l.get('l1_eyes_weight')}")
     common.check(len(l.perceptual_layer_weights) == 5,
                  f"loss.perceptual_layer_weights needs 5 weights (relu1_1 .. relu5_1), got "
                  f"{l.perceptual_layer_weights}")

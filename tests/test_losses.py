@@ -110,6 +110,22 @@ def test_box_weights_follow_each_images_boxes():
         losses.box_weights(boxes[0], 8, region_weight=1.0)
 
 
+def test_region_weights_per_box_and_per_region():
+    """The eyes box can weigh more than the mouth's (loss.l1_eyes_weight); overlaps take
+    the larger weight, in the per-image and the fixed-box maps alike."""
+    boxes = jnp.asarray([[[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 1.0, 1.0]]], jnp.float32)
+    w = np.asarray(losses.box_weights(boxes, 8, region_weight=(2.0, 6.0)))[0, ..., 0]
+    expected = np.ones((8, 8))
+    expected[:4, :4] = 3.0
+    expected[2:, 2:] = 7.0  # the second box, also where the two overlap
+    np.testing.assert_allclose(w, expected)
+    fixed = losses.face_region_weights(8, region_weight={"a": 2.0, "b": 6.0},
+                                       regions={"a": (0, 0, 0.5, 0.5), "b": (0.25, 0.25, 1, 1)})
+    np.testing.assert_allclose(fixed[..., 0], expected)
+    with pytest.raises(ValueError, match=">= 0"):
+        losses.box_weights(boxes, 8, region_weight=(1.0, -1.0))
+
+
 def test_region_weight_map_and_weighted_l1():
     w = losses.face_region_weights(64, region_weight=2.0)
     assert w.shape == (64, 64, 1) and w.dtype == np.float32

@@ -276,3 +276,27 @@ def test_region_weights_come_from_the_frames_boxes(data_dir, tmp_path):
     for role in ("source", "driving"):
         boxes = np.asarray(batch["labels"][role]["mouth_box"])
         assert boxes.shape == (8, 4) and np.all(boxes[:, 2] > boxes[:, 0])
+
+
+def test_l1_regions_weigh_the_eyes_on_their_own():
+    from vasa_jax.trainers.face_latent import l1_regions
+
+    lc = configs.load("configs/face_latent.py:size=tiny", loss__l1_region_weight=10.0).loss
+    labels = ["pose", "mouth_box", "eyes_box"]
+    boxes, weight, fixed = l1_regions(lc, labels, 64)
+    assert dict(zip(boxes, weight)) == {"mouth_box": 10.0, "eyes_box": 10.0} and fixed is None
+    lc = configs.load("configs/face_latent.py:size=tiny", loss__l1_region_weight=10.0,
+                      loss__l1_eyes_weight=40.0).loss
+    boxes, weight, _ = l1_regions(lc, labels, 64)
+    assert dict(zip(boxes, weight)) == {"mouth_box": 10.0, "eyes_box": 40.0}
+    # No box labels: the fixed face-crop boxes, the eyes' weight in the eyes' box.
+    boxes, _, fixed = l1_regions(lc, ["pose"], 64)
+    assert boxes == () and fixed.shape == (64, 64, 1)
+    assert np.isclose(fixed.max(), 41.0) and np.isclose(fixed[45, 32, 0], 11.0)  # eyes, mouth
+    # Only the eyes weighted still turns the regions on; none weighted, none.
+    lc = configs.load("configs/face_latent.py:size=tiny", loss__l1_eyes_weight=5.0).loss
+    assert dict(zip(*l1_regions(lc, labels, 64)[:2])) == {"mouth_box": 0.0, "eyes_box": 5.0}
+    lc = configs.load("configs/face_latent.py:size=tiny").loss
+    assert l1_regions(lc, labels, 64) == ((), (), None)
+    with pytest.raises(Exception, match="l1_eyes_weight"):
+        configs.load("configs/face_latent.py:size=tiny", loss__l1_eyes_weight=-1.0)

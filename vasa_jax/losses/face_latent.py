@@ -17,7 +17,7 @@ centred face crop. Any per-pixel map [B, H, W, 1] can be passed to `l1_loss`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,19 +47,24 @@ FACE_REGIONS: Mapping[str, tuple[float, float, float, float]] = {
 def face_region_weights(
     size: int | tuple[int, int],
     *,
-    region_weight: float = 2.0,
+    region_weight: float | Mapping[str, float] = 2.0,
     regions: Mapping[str, tuple[float, float, float, float]] = FACE_REGIONS,
 ) -> np.ndarray:
     """A landmark-free per-pixel weight map: 1 + region_weight inside any region box.
 
     size: S (square) or (H, W). regions: name -> (x0, y0, x1, y1) in [0, 1]; a pixel is in a
-    box if its centre is. Overlapping boxes do not add up (weight is 1 + region_weight).
+    box if its centre is. region_weight: one weight for every region, or name -> weight.
+    Overlapping boxes do not add up (a pixel takes the largest weight of its boxes).
     Returns float32 [H, W, 1], to broadcast against [B, H, W, C] in `l1_loss`.
     """
-    if region_weight < 0:
-        raise ValueError(f"region_weight must be >= 0, got {region_weight}")
-    inside = face_region_mask(size, regions)
-    return (1.0 + region_weight * inside).astype(np.float32)[..., None]
+    weights = ({n: float(region_weight[n]) for n in regions} if isinstance(region_weight, Mapping)
+               else dict.fromkeys(regions, float(region_weight)))
+    if min(weights.values(), default=0.0) < 0:
+        raise ValueError(f"region weights must be >= 0, got {region_weight}")
+    extra = np.zeros(face_region_mask(size, {}).shape, np.float32)
+    for name, box in regions.items():
+        extra = np.maximum(extra, weights[name] * face_region_mask(size, {name: box}))
+    return (1.0 + extra).astype(np.float32)[..., None]
 
 
 def face_region_mask(
@@ -81,21 +86,27 @@ def face_region_mask(
     return inside
 
 
-def box_weights(boxes: jax.Array, size: int, *, region_weight: float) -> jax.Array:
+def box_weights(boxes: jax.Array, size: int, *,
+                region_weight: float | Sequence[float]) -> jax.Array:
     """Per-image weight maps from per-image region boxes: 1 + region_weight inside any box.
 
     boxes: [B, K, 4] (x0, y0, x1, y1) in [0, 1] image coordinates (e.g. the stacked
     `mouth_box`, `eyes_box` labels of data_pipeline.schema.BOX_LABELS); a pixel is inside
-    if its centre is. Returns float32 [B, size, size, 1] for `l1_loss`.
+    if its centre is. region_weight: one weight, or K (one per box; where boxes overlap a
+    pixel takes the largest). Returns float32 [B, size, size, 1] for `l1_loss`.
     """
     if boxes.ndim != 3 or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must be [B, K, 4], got {boxes.shape}")
+    per_box = np.broadcast_to(np.asarray(region_weight, np.float32), (boxes.shape[1],))
+    if per_box.min(initial=0.0) < 0:
+        raise ValueError(f"region weights must be >= 0, got {region_weight}")
     centres = (jnp.arange(size, dtype=jnp.float32) + 0.5) / size
     b = boxes.astype(jnp.float32)[:, :, :, None]  # [B, K, 4, 1]
     in_x = (centres >= b[:, :, 0]) & (centres < b[:, :, 2])  # [B, K, S]
     in_y = (centres >= b[:, :, 1]) & (centres < b[:, :, 3])
-    inside = jnp.any(in_y[:, :, :, None] & in_x[:, :, None, :], axis=1)  # [B, S, S]
-    return (1.0 + region_weight * inside.astype(jnp.float32))[..., None]
+    inside = in_y[:, :, :, None] & in_x[:, :, None, :]  # [B, K, S, S]
+    extra = jnp.max(inside * jnp.asarray(per_box)[None, :, None, None], axis=1, initial=0.0)
+    return (1.0 + extra)[..., None]
 
 
 def l1_loss(x: jax.Array, y: jax.Array, weights: jax.Array | np.ndarray | None = None) -> jax.Array:

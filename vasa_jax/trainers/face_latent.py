@@ -145,6 +145,31 @@ def effective_weights(loss_cfg: ml_collections.ConfigDict) -> dict[str, float]:
     return w
 
 
+
+def region_weights(lc: ml_collections.ConfigDict) -> dict[str, float]:
+    """{"eyes": w, "mouth": w}: the extra L1 weights of the two face regions
+    (loss.l1_region_weight; loss.l1_eyes_weight, if set, is the eyes' own)."""
+    eyes = lc.get("l1_eyes_weight")
+    return {"eyes": float(lc.l1_region_weight if eyes is None else eyes),
+            "mouth": float(lc.l1_region_weight)}
+
+
+def l1_regions(lc: ml_collections.ConfigDict, dataset_labels, image_size: int):
+    """Where the L1's region weights come from: (boxes, box_weight, fixed_map).
+
+    boxes: the schema.BOX_LABELS the dataset has (the driving frames' own boxes, moved with
+    the augmentation), box_weight: one weight per box; fixed_map [S, S, 1]
+    (losses.face_region_weights, fixed face-crop boxes) when the data has no boxes; all
+    empty / None when no region is weighted.
+    """
+    weights = region_weights(lc)
+    if max(weights.values()) <= 0:
+        return (), (), None
+    boxes = tuple(n for n in BOX_LABELS if n in dataset_labels)
+    box_weight = tuple(weights[n.removesuffix("_box")] for n in boxes)
+    fixed = None if boxes else losses.face_region_weights(image_size, region_weight=weights)
+    return boxes, box_weight, fixed
+
 def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     """The face latent stage for the shared loop (loads the frozen VGG19 / face-ID nets)."""
     lc = config.loss
@@ -161,12 +186,10 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     d_schedule = optim.learning_rate_schedule(config.disc_optim, total)
     # Region weights on the L1: from the driving frames' own mouth / eye boxes when the data
     # has them (schema.BOX_LABELS, moved with the augmentation), else fixed face-crop boxes.
+    use_regions = max(region_weights(lc).values()) > 0
     dataset_labels = (DatasetInfo.load(config.data.path).labels
-                      if w["pose"] > 0 or lc.l1_region_weight > 0 else [])
-    boxes = tuple(n for n in BOX_LABELS if n in dataset_labels) if lc.l1_region_weight else ()
-    region = (losses.face_region_weights(config.model.image_size,
-                                         region_weight=lc.l1_region_weight)
-              if lc.l1_region_weight > 0 and not boxes else None)
+                      if w["pose"] > 0 or use_regions else [])
+    boxes, box_weight, region = l1_regions(lc, dataset_labels, config.model.image_size)
 
     if w["pose"] > 0:
         labels = dataset_labels
@@ -225,8 +248,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         weights = region
         if boxes:  # [B, len(boxes), 4] of the driving frames -> [B, S, S, 1]
             frame_boxes = jnp.stack([batch["labels"]["driving"][n] for n in boxes], axis=1)
-            weights = losses.box_weights(frame_boxes, drv.shape[1],
-                                         region_weight=lc.l1_region_weight)
+            weights = losses.box_weights(frame_boxes, drv.shape[1], region_weight=box_weight)
         terms = {"l1": losses.l1_loss(recon, drv, weights)}
         if w["pose"] > 0:  # z_pose angles of [source; driving] against their labels
             labels = batch["labels"]
