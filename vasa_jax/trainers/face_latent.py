@@ -145,7 +145,6 @@ def effective_weights(loss_cfg: ml_collections.ConfigDict) -> dict[str, float]:
     return w
 
 
-
 def region_weights(lc: ml_collections.ConfigDict) -> dict[str, float]:
     """{"eyes": w, "mouth": w}: the extra L1 weights of the two face regions
     (loss.l1_region_weight; loss.l1_eyes_weight, if set, is the eyes' own)."""
@@ -169,6 +168,7 @@ def l1_regions(lc: ml_collections.ConfigDict, dataset_labels, image_size: int):
     box_weight = tuple(weights[n.removesuffix("_box")] for n in boxes)
     fixed = None if boxes else losses.face_region_weights(image_size, region_weight=weights)
     return boxes, box_weight, fixed
+
 
 def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     """The face latent stage for the shared loop (loads the frozen VGG19 / face-ID nets)."""
