@@ -73,6 +73,10 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
              # EMOPortraits' motion encoder sees them): a tilted head reads upright, so
              # z_dyn has less reason to carry roll.
              glimpse_roll=False,
+             # One dynamics net per glimpse: z_dyn = [eyes code, mouth code], each region's
+             # half read from that region alone (face_encoders.MotionEncoder). The eye state
+             # then has its own dimensions instead of hiding in the mouth's variation.
+             dyn_split=False,
              # A `python -m vasa_jax.models.face_pose train` export: the pose net starts
              # from it (MegaPortraits pre-trains its head-pose estimator). "" = random init.
              pretrained_pose="",
@@ -193,6 +197,10 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
           f"{m.motion.glimpse_widths}")
     check(not m.motion.glimpse_widths or m.image_size % 2 == 0,
           "model.motion.glimpse_widths: the two glimpses split image_size rows in half")
+    check(not m.motion.dyn_split
+          or (m.motion.glimpse_widths and m.motion.dyn_dim % len(m.motion.glimpse_widths) == 0),
+          f"model.motion.dyn_split needs glimpse_widths and dyn_dim divisible by their number, "
+          f"got {m.motion.glimpse_widths} and dyn_dim {m.motion.dyn_dim}")
     if m.motion.dyn_pool is not None:
         common.check_choice(m.motion.dyn_pool, ("mean", "flatten"), "model.motion.dyn_pool")
     angles = tuple(m.motion.max_angles_deg)

@@ -27,6 +27,7 @@ STAGE1_FLAGS=(
   --config.optim.lr=1e-3
   --config.model.motion.glimpse_widths="$GLIMPSES"
   --config.model.motion.glimpse_roll=True
+  --config.model.motion.dyn_split=True
   --config.model.decoder.dyn_modulation=True
   --config.model.decoder.dyn_volume_channels=4
   --config.model.decoder.conv_before_up=True

@@ -659,6 +659,42 @@ def test_motion_encoder_glimpses_read_only_the_located_regions():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_dyn_split_gives_each_region_its_own_half_of_z_dyn():
+    """dyn_split: z_dyn = [eyes code, mouth code]; a change inside the mouth window moves
+    only the mouth half, one inside the eye window only the eyes half."""
+    cfg = configs.load("configs/face_latent.py:size=tiny", model__motion__glimpse_widths=(0.5, 0.25),
+                       model__motion__dyn_split=True).model
+    enc = face_latent.motion_encoder(cfg, rngs=nnx.Rngs(0))
+    assert len(enc.dyn_net) == 2
+    half = cfg.motion.dyn_dim // 2
+    assert all(net.head.out_features == half for net in enc.dyn_net)
+    s = cfg.image_size
+    x = jax.random.uniform(jax.random.key(0), (2, s, s, 3), minval=-1)
+    z_pose, z_dyn = enc(x)
+    assert z_dyn.shape == (2, cfg.motion.dyn_dim)
+    c = jnp.asarray([[[0.5, 0.3], [0.5, 0.75]]] * 2, jnp.float32)
+    base = enc.dynamics(x, c)
+    mouth = enc.dynamics(x.at[:, 46:50, 28:36].set(1.0), c) - base
+    eyes = enc.dynamics(x.at[:, 18:21, 24:40].set(1.0), c) - base
+    np.testing.assert_allclose(mouth[:, :half], 0.0, atol=1e-6)
+    np.testing.assert_allclose(eyes[:, half:], 0.0, atol=1e-6)
+    assert float(jnp.max(jnp.abs(mouth[:, half:]))) > 1e-4
+    assert float(jnp.max(jnp.abs(eyes[:, :half]))) > 1e-4
+    # Each half is its own net on its own glimpse (stretched to the input square).
+    from vasa_jax.models.face_encoders import glimpse_image
+    np.testing.assert_allclose(base[:, half:], enc.dyn_net[1](glimpse_image(x, c[:, 1:], (0.25,))),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [dict(model__motion__dyn_split=True),
+                                       dict(model__motion__dyn_split=True,
+                                            model__motion__glimpse_widths=(0.5, 0.25),
+                                            model__motion__dyn_dim=15)])
+def test_dyn_split_is_validated(overrides):
+    with pytest.raises(ConfigError, match="dyn_split"):
+        configs.load("configs/face_latent.py:size=tiny", **overrides)
+
+
 @pytest.mark.parametrize("widths", [(0.5,), (0.0, 0.5), (0.5, 1.5)])
 def test_glimpse_widths_are_validated(widths):
     with pytest.raises(ConfigError, match="glimpse_widths"):

@@ -5,8 +5,8 @@
     3-D resblocks), as MegaPortraits' E_app.
   * IdentityEncoder (E_id): image -> z_id [B, id_dim] (ResNet-style 2-D encoder + global
     average pooling); conditions the warps.
-  * MotionEncoder (E_mtn): image -> (z_pose [B, 7], z_dyn [B, dyn_dim]) from two separate
-    ResNet-style encoders (VASA: each factor has its own encoder; MegaPortraits: two
+  * MotionEncoder (E_mtn): image -> (z_pose [B, 7], z_dyn [B, dyn_dim]) from separate
+    ResNet-style encoders (optionally one dynamics net per face region) (VASA: each factor has its own encoder; MegaPortraits: two
     ResNets for pose and expression). z_pose is tanh-bounded (see warping.bound_pose).
   * CanonicalVolumeGenerator (G3D): 3-D U-Net refining the canonical volume; V_app =
     G3D(w_s->c(posed volume)) is computed once per portrait at inference.
@@ -173,6 +173,12 @@ class MotionEncoder(nnx.Module):
     (docs/experiments.md). Framing and head position stay out of z_dyn. `glimpse_roll`
     also turns the glimpses with the pose net's roll (z_pose's roll is the image-plane
     angle, warping's convention), so a tilted head reads upright: pose-aligned crops.
+
+    `dyn_split` (needs glimpses): z_dyn = [eyes code, mouth code], dyn_dim / R dims each,
+    from one dynamics net per region that reads only that region's glimpse (its 2:1 window
+    resampled to the whole input square); `dyn_net` is then an nnx.List of them. The eye
+    state cannot hide among the mouth's larger variation, and the mouth code alone is the
+    lip motion (a lip-only control). Without it one net reads both glimpses stacked.
     """
 
     def __init__(
@@ -193,6 +199,7 @@ class MotionEncoder(nnx.Module):
         dyn_pool: str | None = None,
         glimpse_widths: Sequence[float] = (),
         glimpse_roll: bool = False,
+        dyn_split: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -207,13 +214,22 @@ class MotionEncoder(nnx.Module):
             raise ValueError(f"glimpse_widths: one width per region {GLIMPSE_REGIONS}, got "
                              f"{self.glimpse_widths}")
         self.glimpse_roll = bool(glimpse_roll)
+        self.dyn_split = bool(dyn_split)
+        regions = len(self.glimpse_widths)
+        if self.dyn_split and (not regions or dyn_dim % regions):
+            raise ValueError(f"dyn_split needs glimpse_widths and dyn_dim divisible by their "
+                             f"number, got {self.glimpse_widths} and dyn_dim {dyn_dim}")
         out = warping.POSE_DIM + 2 * len(self.glimpse_widths)
         self.pose_net = ResNetEncoder(out_dim=out, head_init_scale=0.1, **common)
         if dyn_groups is not None:
             common["groups"] = dyn_groups
         if dyn_pool is not None:
             common["pool"] = dyn_pool
-        self.dyn_net = ResNetEncoder(out_dim=dyn_dim, **common)
+        if self.dyn_split:
+            self.dyn_net = nnx.List([ResNetEncoder(out_dim=dyn_dim // regions, **common)
+                                     for _ in range(regions)])
+        else:
+            self.dyn_net = ResNetEncoder(out_dim=dyn_dim, **common)
         self.max_angles = tuple(math.radians(a) for a in max_angles_deg)
         self.max_translation = float(max_translation)
         self.max_log_scale = float(max_log_scale)
@@ -248,10 +264,15 @@ class MotionEncoder(nnx.Module):
             if centres is None or (self.glimpse_roll and roll is None):
                 z_pose, centres = self.split_pose_output(self.pose_net(images))
                 roll = z_pose[:, 2]
-            angle = roll if self.glimpse_roll else None
             # The glimpses are where the dynamics net looks, not something it learns.
-            images = glimpse_image(images, jax.lax.stop_gradient(centres), self.glimpse_widths,
-                                   None if angle is None else jax.lax.stop_gradient(angle))
+            centres = jax.lax.stop_gradient(centres)
+            angle = jax.lax.stop_gradient(roll) if self.glimpse_roll else None
+            if self.dyn_split:  # each region's net sees its own glimpse, full frame
+                return jnp.concatenate([
+                    net(glimpse_image(images, centres[:, k:k + 1], (width,), angle))
+                    for k, (net, width) in enumerate(zip(self.dyn_net, self.glimpse_widths))
+                ], axis=-1)
+            images = glimpse_image(images, centres, self.glimpse_widths, angle)
         return self.dyn_net(images)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -70,7 +70,8 @@ def motion_encoder(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs
         max_log_scale=m.max_log_scale, groups=cfg.groups, pool=m.pool,
         dyn_groups=m.get("dyn_groups"), dyn_pool=m.get("dyn_pool"),
         glimpse_widths=tuple(m.get("glimpse_widths", ())),
-        glimpse_roll=bool(m.get("glimpse_roll", False)), **dtypes(cfg),
+        glimpse_roll=bool(m.get("glimpse_roll", False)),
+        dyn_split=bool(m.get("dyn_split", False)), **dtypes(cfg),
         rngs=rngs,
     )
 
