@@ -1,22 +1,183 @@
 """Generates a talking-face video from one portrait and a speech clip.
 
-    python sample.py --face_workdir runs/face --motion_workdir runs/motion \
-        --image portrait.png --audio speech.wav --out out.mp4
+    python sample.py                                   # the built-in demo: assets/demo/
+    python sample.py --image portrait.png --audio speech.wav --out out.mp4 \
+        [--model DIR | --face_workdir W1 --motion_workdir W2] [controls] [--mode stream]
 
-Not built yet: the streaming sampler needs both trained stages (issues #3 and #4). Until
-then `bash scripts/demo.sh` builds a SynthTalk corpus and writes its preview video.
+With no model flags it uses the built-in demo model (assets/demo_model: both stages trained
+by `bash scripts/recipe_cpu.sh`, on synthetic SynthTalk faces at 64 px), and with no
+--image / --audio the built-in portrait (an identity the demo model never saw) and speech.
+Writes H.264 video with the AAC audio muxed in (ffmpeg), one frame per 40 ms of audio.
+--mode stream feeds the audio in 40 ms chunks as if it arrived live and reports the
+first-frame latency and the sustained frame rate. --expression_meter M reads the mouth
+off the output frames and prints its correlation with the speech envelope (SynthTalk
+models only: the meter is trained on SynthTalk's labels).
 """
 
+from __future__ import annotations
+
+import argparse
+import os
 import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEMO_MODEL = os.path.join(ROOT, "assets", "demo_model")
+DEMO_IMAGE = os.path.join(ROOT, "assets", "demo", "portrait.png")
+DEMO_AUDIO = os.path.join(ROOT, "assets", "demo", "speech.wav")
+DEMO_METER = os.path.join(DEMO_MODEL, "expression_meter")
 
 
-def main() -> int:
-    print(
-        "sample.py: streaming video generation is not built yet. Motion from audio works: "
-        "vasa_jax.motion_sampler.MotionGenerator (see README, Stage 2).",
-        file=sys.stderr,
-    )
-    return 2
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected THETA,PHI degrees, got {text!r}") from None
+    return a, b
+
+
+def _guidance(text: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=SCALE[,NAME=SCALE], got {text!r}") from None
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image", default=DEMO_IMAGE, help="portrait (a face crop; any size)")
+    p.add_argument("--audio", default=DEMO_AUDIO, help="speech (wav/flac/mp3/m4a/...)")
+    p.add_argument("--out", default="out.mp4", help="the mp4 to write")
+    p.add_argument("--model", default="", help="a model export (python -m vasa_jax.inference "
+                   "export); default: the built-in demo model unless --face_workdir is given")
+    p.add_argument("--face_workdir", default="", help="a stage-1 training run")
+    p.add_argument("--motion_workdir", default="", help="a stage-2 training run")
+    p.add_argument("--mode", choices=("offline", "stream"), default="offline")
+    g = p.add_argument_group("controls")
+    g.add_argument("--gaze", type=_pair, default=None, help="THETA,PHI degrees")
+    g.add_argument("--distance", type=float, default=None, help="head distance")
+    g.add_argument("--emotion", default=None, help="neutral, happy, sad, surprise, fear, "
+                   "disgust, anger or contempt")
+    g.add_argument("--guidance", type=_guidance, default=None,
+                   help="CFG scales, e.g. audio=0.5,gaze=1.0 (default: the model's)")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--head", choices=("generated", "still"), default="generated")
+    g.add_argument("--head_amplitude", type=float, default=1.0,
+                   help="scale of the generated head motion (0.5 about halves it)")
+    g.add_argument("--lip_only", action="store_true",
+                   help="keep the portrait's pose and eyes; only the mouth follows the audio")
+    g.add_argument("--pose_video", default="", help="take the head pose from this video")
+    p.add_argument("--allow_silence", action="store_true", help="accept silent audio")
+    p.add_argument("--expression_meter", default=None,
+                   help="report the lip sync of the output with this meter (default: the "
+                   "demo model's, when the demo model is used)")
+    p.add_argument("--no_progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _check_output(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path!r} is a folder")
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out: folder {parent!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out: folder {parent!r} is not writable")
+
+
+def lip_sync(frames, audio, meter_path: str) -> tuple[float, int]:
+    """The meter's mouth_open of the frames against the speech's frame RMS envelope:
+    (Pearson r at the best lag within +-3 frames, that lag)."""
+    import numpy as np
+
+    from data_pipeline.synthtalk.sync import correlation_from_envelopes, frame_rms
+    from vasa_jax.evaluate.face_latent import load_meter
+    from vasa_jax.inference import uint8_to_signed
+
+    meter = load_meter(meter_path)
+    mouth = np.concatenate([np.asarray(meter.apply(meter.params, uint8_to_signed(frames[i:i + 64]))
+                                       ["mouth_open"]) for i in range(0, len(frames), 64)])
+    return correlation_from_envelopes([mouth], [frame_rms(audio, len(frames))])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import numpy as np
+
+    from vasa_jax import audio as audio_lib
+    from vasa_jax import inference, video
+
+    try:
+        _check_output(args.out)
+        controls = inference.Controls(
+            gaze=args.gaze, distance=args.distance, emotion=args.emotion,
+            guidance=args.guidance, steps=args.steps, seed=args.seed, head=args.head,
+            head_amplitude=args.head_amplitude, lip_only=args.lip_only)
+        image = inference.read_portrait(args.image)
+        waveform = audio_lib.load_audio(args.audio, inference.SAMPLE_RATE,
+                                        allow_silence=args.allow_silence)
+        t0 = time.perf_counter()
+        if args.face_workdir or args.motion_workdir:
+            if not (args.face_workdir and args.motion_workdir):
+                raise ValueError("--face_workdir and --motion_workdir go together")
+            pipe = inference.Pipeline.from_workdirs(args.face_workdir, args.motion_workdir)
+            meter = args.expression_meter
+        else:
+            model = args.model or DEMO_MODEL
+            pipe = inference.Pipeline.load(model)
+            meter = args.expression_meter
+            if meter is None and not args.model and os.path.isdir(DEMO_METER):
+                meter = DEMO_METER
+        driving = None
+        if args.pose_video:
+            driving = pipe.encode_pose(video.read_video(args.pose_video)[0])
+        print(f"model loaded in {time.perf_counter() - t0:.1f} s; {len(waveform) / 16000:.2f} s "
+              f"of audio -> {pipe.num_frames(len(waveform))} frames at {pipe.fps:g} fps, "
+              f"{pipe.image_size} px", file=sys.stderr)
+        t0 = time.perf_counter()
+        if args.mode == "offline":
+            result = pipe.generate(image, waveform, controls, driving_pose=driving,
+                                   progress=not args.no_progress)
+            frames = result.frames
+            elapsed = time.perf_counter() - t0
+            print(f"generated {len(frames)} frames in {elapsed:.1f} s "
+                  f"({len(frames) / elapsed:.1f} fps, compilation included)", file=sys.stderr)
+        else:
+            chunk = inference.SAMPLE_RATE // 25
+            chunks = (waveform[i:i + chunk] for i in range(0, len(waveform), chunk))
+            got, first = [], None
+            stream = pipe.stream(image, chunks, controls, driving_pose=driving)
+            if not args.no_progress:
+                from tqdm import tqdm
+
+                stream = tqdm(stream, total=pipe.num_frames(len(waveform)), unit="frame",
+                              desc="streaming")
+            for frame in stream:
+                if first is None:
+                    first = time.perf_counter() - t0
+                got.append(frame.image)
+            frames = np.stack(got)
+            elapsed = time.perf_counter() - t0
+            print(f"streamed {len(frames)} frames: first after {first:.2f} s, then "
+                  f"{(len(frames) - 1) / max(elapsed - first, 1e-9):.1f} fps (audio fed as fast "
+                  "as it is consumed; compilation included)", file=sys.stderr)
+        video.write_video(args.out, frames, pipe.fps, waveform, inference.SAMPLE_RATE)
+        print(f"wrote {args.out} ({len(frames)} frames, {len(frames) / pipe.fps:.2f} s)")
+        if meter:
+            r, lag = lip_sync(frames, waveform, meter)
+            print(f"lip sync (expression meter's mouth vs speech envelope): r = {r:.3f} at lag "
+                  f"{lag} frames")
+    except (FileNotFoundError, FileExistsError, ValueError, audio_lib.AudioError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

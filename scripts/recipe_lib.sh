@@ -40,7 +40,8 @@ STAGE1_FLAGS=(
 
 stamp() { echo "recipe [$(date +%H:%M:%S)] $*"; }
 
-# Stage-1 evaluation, stage-1 latents, stage 2, its evaluation and the summary lines.
+# Stage-1 evaluation, stage-1 latents, stage 2, its evaluation, the model export (W/export:
+# what sample.py --model loads; the built-in assets/demo_model is one) and the summary lines.
 recipe_after_stage1() {
   stamp "stage 1 evaluation"
   $PY -m vasa_jax.evaluate face_latent --workdir "$W/face" --data "$D" \
@@ -58,6 +59,12 @@ recipe_after_stage1() {
   stamp "stage 2 evaluation"
   $PY -m vasa_jax.evaluate motion --workdir "$W/motion" --data "$W/latents" --no_progress \
     --expression_meter "$W/meter" | tee "$W/motion_eval.txt"
+  if [ ! -f "$W/export/pipeline.json" ]; then
+    stamp "model export for sample.py (--model $W/export)"
+    $PY -m vasa_jax.inference export --face_workdir "$W/face" --motion_workdir "$W/motion" \
+      --out "$W/export"
+    cp -r "$W/meter" "$W/export/expression_meter"  # sample.py reports lip sync with it
+  fi
   stamp "summary"
   tail -n 3 "$W/face_eval.txt"
   tail -n 1 "$W/motion_eval.txt"

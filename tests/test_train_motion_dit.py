@@ -243,6 +243,16 @@ def test_generator_from_workdir(run, data_dir):
     np.testing.assert_allclose(rows[1], b, atol=1e-4)
     with pytest.raises(ValueError, match="audio must be"):
         gen.generate(audio[:, :5])
+    # Streaming: the same windows fed one at a time give the same motion; the sampler
+    # compiled once per batch size (N = 1 and 2 above) for every window, the short last
+    # one included.
+    assert gen._sample._cache_size() == 2
+    stream = gen.stream(1, gaze=[5.0, -3.0], distance=np.ones((1, 1)), seeds=0)
+    streamed = [stream.next_window(audio[None, i:i + W]) for i in range(0, length, W)]
+    np.testing.assert_allclose(np.concatenate(streamed, axis=1)[0], a, atol=1e-5)
+    assert stream.index == 3 and gen._sample._cache_size() == 2
+    with pytest.raises(ValueError, match="ended"):
+        stream.next_window(audio[None, :W])
 
 
 @pytest.mark.slow  # a fresh process: imports + compiles (~25 s)

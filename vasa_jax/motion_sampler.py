@@ -14,11 +14,11 @@ space, as in training) and its output cut to the audio length.
     gen = MotionGenerator.from_workdir("runs/motion")
     motion = gen.generate(audio_features, gaze=[0.0, 0.0], seed=0)        # [L, Dm] raw
     motions = gen.generate_batch(audio [N, L, Da], seeds=[0, 1, 2, 3])     # [N, L, Dm]
+    stream = gen.stream(1, seeds=0); stream.next_window(audio_window)     # [1, <=W, Dm]
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Mapping, Sequence
 
@@ -195,6 +195,20 @@ class MotionGenerator:
         if not np.all(np.isfinite(audio)):
             raise ValueError("audio features contain NaN or inf")
         n, length, _ = audio.shape
+        stream = self.stream(n, gaze=gaze, distance=distance, emotion=emotion, keep=keep,
+                             seeds=seeds, guidance=guidance, num_sample_steps=num_sample_steps,
+                             eta=eta)
+        w = self.window
+        outputs = [stream.next_window(audio[:, i:i + w]) for i in range(0, length, w)]
+        return np.concatenate(outputs, axis=1)
+
+    def stream(self, n: int = 1, *, gaze=None, distance=None, emotion=None,
+               keep: Mapping[str, Sequence[bool]] | None = None,
+               seeds: int | Sequence[int] = 0, guidance: Mapping[str, float] | None = None,
+               num_sample_steps: int | None = None, eta: float | None = None
+               ) -> "MotionStream":
+        """A `MotionStream` of N rows: feed it audio window by window (arguments as
+        `generate_batch`, which is this stream fed the whole clip)."""
         seeds = (list(range(seeds, seeds + n)) if isinstance(seeds, (int, np.integer))
                  else [int(s) for s in seeds])
         if len(seeds) != n:
@@ -204,10 +218,6 @@ class MotionGenerator:
         steps = self.num_sample_steps if num_sample_steps is None else int(num_sample_steps)
         eta = self.eta if eta is None else float(eta)
 
-        w, k = self.window, self.context
-        num_windows = math.ceil(length / w)
-        padded = np.zeros((n, num_windows * w, self.audio_dim), np.float32)
-        padded[:, :length] = (audio - self.audio_mean) / self.audio_std
         controls = {name: self._controls(name, value, n) for name, value in
                     (("gaze", gaze), ("distance", distance), ("emotion", emotion))}
         keep_audio = np.ones((n,), bool)
@@ -223,27 +233,8 @@ class MotionGenerator:
                 values, kept = controls[name]
                 controls[name] = (values, kept & mask)
 
-        base_keys = [jax.random.key(s) for s in seeds]
-        motion_pre = np.zeros((n, k, self.motion_dim), np.float32)
-        audio_pre = np.zeros((n, k, self.audio_dim), np.float32)
-        outputs = []
-        for i in range(num_windows):
-            cond = {
-                "audio": padded[:, i * w:(i + 1) * w], "audio_pre": audio_pre,
-                "motion_pre": motion_pre, "keep_audio": keep_audio,
-                "keep_pre": np.full((n,), i > 0),
-            }
-            for name, (values, kept) in controls.items():
-                cond[name], cond[KEEP_KEYS[name]] = values, kept
-            keys = jnp.stack([jax.random.fold_in(key, i) for key in base_keys])
-            x = np.asarray(self._sample(self._state, cond, keys, self.schedule,
-                                        guidance=guided, steps=steps, eta=eta))
-            outputs.append(x)
-            if k:
-                motion_pre = x[:, w - k:]
-                audio_pre = padded[:, (i + 1) * w - k:(i + 1) * w]
-        motion = np.concatenate(outputs, axis=1)[:, :length]
-        return (motion * self.motion_std + self.motion_mean).astype(np.float32)
+        return MotionStream(self, controls, keep_audio, seeds, guidance=guided, steps=steps,
+                            eta=eta)
 
     def generate(self, audio: np.ndarray, *, gaze=None, distance=None, emotion=None,
                  seed: int = 0, guidance: Mapping[str, float] | None = None,
@@ -258,3 +249,52 @@ class MotionGenerator:
         return self.generate_batch(audio[None], gaze=gaze, distance=distance, emotion=emotion,
                                    seeds=[seed], guidance=guidance,
                                    num_sample_steps=num_sample_steps, eta=eta)[0]
+
+
+class MotionStream:
+    """One batch of clips sampled window by window, as audio arrives (what
+    `MotionGenerator.generate_batch` loops over, and what streaming inference feeds).
+
+    Each `next_window(audio [N, L <= W, Da])` call draws window i (keys: the row's seed
+    folded with i) conditioned on the previous window's last K frames of motion and audio,
+    and returns raw motion [N, L, Dm]. A short window (the clip's end) is zero-padded in
+    normalised audio space, as in training, and cut back to L; no window may follow it.
+    The compiled sampler is shared by every window: nothing recompiles from window to window.
+    """
+
+    def __init__(self, gen: MotionGenerator, controls: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                 keep_audio: np.ndarray, seeds: Sequence[int], *, guidance, steps: int,
+                 eta: float):
+        n = len(seeds)
+        self.gen, self.n = gen, n
+        self._static = dict(guidance=guidance, steps=steps, eta=eta)
+        self._cond = {"keep_audio": np.asarray(keep_audio, bool)}
+        for name, (values, kept) in controls.items():
+            self._cond[name], self._cond[KEEP_KEYS[name]] = values, kept
+        self._keys = [jax.random.key(s) for s in seeds]
+        self._motion_pre = np.zeros((n, gen.context, gen.motion_dim), np.float32)
+        self._audio_pre = np.zeros((n, gen.context, gen.audio_dim), np.float32)
+        self.index = 0  # windows drawn so far
+        self._ended = False
+
+    def next_window(self, audio: np.ndarray) -> np.ndarray:
+        """Raw audio features [N, L, Da] (1 <= L <= W) -> raw motion float32 [N, L, Dm]."""
+        g, w, k = self.gen, self.gen.window, self.gen.context
+        audio = np.asarray(audio, np.float32)
+        length = audio.shape[1] if audio.ndim == 3 else 0
+        if audio.shape != (self.n, length, g.audio_dim) or not 1 <= length <= w:
+            raise ValueError(f"a window of audio must be [N={self.n}, 1..{w}, Da={g.audio_dim}], "
+                             f"got {audio.shape}")
+        if self._ended:
+            raise ValueError("the previous window was shorter than W: the clip has ended")
+        self._ended = length < w
+        padded = np.zeros((self.n, w, g.audio_dim), np.float32)
+        padded[:, :length] = (audio - g.audio_mean) / g.audio_std
+        cond = dict(self._cond, audio=padded, audio_pre=self._audio_pre,
+                    motion_pre=self._motion_pre, keep_pre=np.full((self.n,), self.index > 0))
+        keys = jnp.stack([jax.random.fold_in(key, self.index) for key in self._keys])
+        x = np.asarray(g._sample(g._state, cond, keys, g.schedule, **self._static))
+        if k:
+            self._motion_pre, self._audio_pre = x[:, w - k:], padded[:, w - k:]
+        self.index += 1
+        return (x[:, :length] * g.motion_std + g.motion_mean).astype(np.float32)

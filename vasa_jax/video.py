@@ -42,7 +42,7 @@ def _write_cv2(path: str, frames: np.ndarray, fps: float, fourcc: str) -> None:
         writer.release()
 
 
-def _write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
+def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
     pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
     with wave.open(path, "wb") as f:
         f.setnchannels(1)
@@ -93,7 +93,7 @@ def write_video(
         cmd += ["-s", f"{w}x{h}", "-r", f"{float(fps)!r}", "-i", "-"]
         if audio is not None:
             audio_tmp = os.path.join(tmp, "audio.wav")
-            _write_wav(audio_tmp, audio, sample_rate)
+            write_wav(audio_tmp, audio, sample_rate)
             cmd += ["-i", audio_tmp, "-map", "0:v", "-map", "1:a", "-c:a", "aac", "-b:a", "128k"]
             cmd += ["-shortest"]
         cmd += ["-c:v", "libx264", "-preset", "fast", "-crf", "18", "-pix_fmt", "yuv420p"]

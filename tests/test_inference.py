@@ -1,0 +1,207 @@
+"""vasa_jax.inference: the pipeline on random-weight tiny models (shapes, streaming equals
+offline, no recompiles, controls, export round trip, bad input)."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import configs
+from data_pipeline import stats as stats_lib
+from vasa_jax import audio as audio_lib
+from vasa_jax import inference
+from vasa_jax.models.face_latent import FaceLatentModel
+from vasa_jax.models.motion_dit import MotionDiT
+from vasa_jax.motion_sampler import MotionGenerator
+
+W, K, N_MELS = 8, 2, 16
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    face_config = configs.load("configs/face_latent.py:size=tiny",
+                               model__motion__glimpse_widths=(0.65, 0.4),
+                               model__motion__dyn_split=True)
+    motion_config = configs.load("configs/motion_dit.py:size=tiny", data__window=W,
+                                 data__context=K, model__layers=1, model__width=32,
+                                 model__heads=2, diffusion__sample_steps=2)
+    dyn = face_config.model.motion.dyn_dim
+    da = audio_lib.feature_dim_mel(N_MELS)
+    rng = np.random.default_rng(0)
+    norm = stats_lib.Normalization(
+        "features:motion", "features:audio",
+        motion_mean=rng.normal(size=7 + dyn).astype(np.float32) * 0.1,
+        motion_std=np.full(7 + dyn, 0.2, np.float32),
+        audio_mean=np.zeros(da, np.float32), audio_std=np.ones(da, np.float32),
+        gaze_mean=np.zeros(2, np.float32), gaze_std=np.ones(2, np.float32),
+        distance_mean=np.zeros(1, np.float32), distance_std=np.ones(1, np.float32))
+    face = FaceLatentModel(face_config.model, rngs=nnx.Rngs(0))
+    dit = MotionDiT(motion_config.model, 7 + dyn, da, rngs=nnx.Rngs(1))
+    motion = MotionGenerator(motion_config, dit, norm)
+    return inference.Pipeline(face, face_config, motion, {"frontend": "mel", "n_mels": N_MELS,
+                                                          "fps": 25.0})
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    n = int(2.4 * W * 640) + 37  # 2.4 windows: a short last window
+    t = np.arange(n) / 16000.0
+    audio = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    return image, audio
+
+
+def test_generate_shapes_and_length(pipe, inputs):
+    image, audio = inputs
+    video = pipe.generate(image, audio, inference.Controls(seed=3))
+    t = audio_lib.num_video_frames(len(audio))
+    assert video.frames.shape == (t, 64, 64, 3) and video.frames.dtype == np.uint8
+    assert video.motion.shape == (t, 7 + pipe.dyn_dim) and video.fps == 25.0
+    np.testing.assert_array_equal(video.z_pose, video.motion[:, :7])
+
+
+def test_stream_equals_offline_and_nothing_recompiles(pipe, inputs):
+    image, audio = inputs
+    controls = inference.Controls(seed=5)
+    before = inference._RENDER._cache_size(), pipe.motion._sample._cache_size()
+    offline = pipe.generate(image, audio, controls)  # 3 windows, the last one short
+    renders = inference._RENDER._cache_size()
+    samples = pipe.motion._sample._cache_size()
+    assert renders <= before[0] + 1 and samples <= before[1] + 1
+    rng = np.random.default_rng(2)
+    cuts = np.sort(rng.choice(len(audio), 9, replace=False))
+    chunks = np.split(audio, cuts)
+    frames = list(pipe.stream(image, chunks, controls))
+    assert [f.index for f in frames] == list(range(len(offline.frames)))
+    np.testing.assert_allclose(frames[-1].time, (len(frames) - 1) / 25.0)
+    got = np.stack([f.image for f in frames]).astype(int)
+    assert np.max(np.abs(got - offline.frames.astype(int))) <= 1
+    # One compiled render and one compiled sampler served every window of both runs.
+    assert inference._RENDER._cache_size() == renders
+    assert pipe.motion._sample._cache_size() == samples
+
+
+def test_features_of_a_later_window_match_the_whole_clip(pipe, inputs):
+    _, audio = inputs
+    whole = pipe.features(audio, 0, 20)
+    np.testing.assert_allclose(pipe.features(audio, 8, 16), whole[8:16], atol=1e-5)
+    # Only samples up to the window's end (+ look-ahead) matter.
+    cut = audio[:(16 + 1) * 640]
+    np.testing.assert_allclose(pipe.features(cut, 8, 16), whole[8:16], atol=1e-5)
+
+
+def test_controls(pipe, inputs):
+    image, audio = inputs
+    portrait = pipe.encode_portrait(image)
+    rng = np.random.default_rng(3)
+    motion = rng.normal(size=(W, 7 + pipe.dyn_dim)).astype(np.float32)
+    still = pipe.apply_controls(motion, portrait, inference.Controls(head="still"))
+    np.testing.assert_allclose(still[0], np.broadcast_to(portrait.z_pose, (W, 7)))
+    np.testing.assert_array_equal(still[1], motion[:, 7:])
+    half = pipe.apply_controls(motion, portrait, inference.Controls(head_amplitude=0.5))[0]
+    centre = pipe.motion.motion_mean[:7]
+    np.testing.assert_allclose(half - centre, 0.5 * (motion[:, :7] - centre), atol=1e-6)
+    pose, dyn = pipe.apply_controls(motion, portrait, inference.Controls(lip_only=True))
+    h = pipe.dyn_dim // 2
+    np.testing.assert_allclose(pose, np.broadcast_to(portrait.z_pose, (W, 7)))
+    np.testing.assert_allclose(dyn[:, :h], np.broadcast_to(portrait.z_dyn[:h], (W, h)))
+    np.testing.assert_array_equal(dyn[:, h:], motion[:, 7 + h:])
+    driving = rng.normal(size=(5, 7)).astype(np.float32)
+    pose = pipe.apply_controls(motion, portrait, inference.Controls(), start=2,
+                               driving_pose=driving)[0]
+    np.testing.assert_array_equal(pose[:3], driving[2:5])
+    np.testing.assert_array_equal(pose[3:], np.broadcast_to(driving[4], (W - 3, 7)))
+    assert pipe.encode_pose(np.stack([image] * 3)).shape == (3, 7)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(head="spin"), "head"),
+                                            (dict(emotion="glee"), "emotion"),
+                                            (dict(head_amplitude=-1.0), "head_amplitude"),
+                                            (dict(steps=0), "steps")])
+def test_bad_controls(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        inference.Controls(**kwargs)
+
+
+def test_portrait_inputs():
+    square = np.zeros((80, 80, 3), np.uint8)
+    assert inference.prepare_portrait(square, 64).shape == (64, 64, 3)
+    with pytest.warns(UserWarning, match="not square"):
+        assert inference.prepare_portrait(np.zeros((64, 90, 3), np.uint8), 64).shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        inference.prepare_portrait(np.zeros((64, 64, 3), np.float32), 64)
+    with pytest.raises(ValueError, match="RGB"):
+        inference.prepare_portrait(np.zeros((64, 64, 5), np.uint8), 64)
+
+
+def test_export_round_trip(pipe, inputs, tmp_path):
+    image, audio = inputs
+    out = str(tmp_path / "export")
+    pipe.export(out)
+    with pytest.raises(FileExistsError):
+        pipe.export(out)
+    loaded = inference.Pipeline.load(out)
+    a = pipe.generate(image, audio[:W * 640], inference.Controls(seed=1))
+    b = loaded.generate(image, audio[:W * 640], inference.Controls(seed=1))
+    np.testing.assert_allclose(a.motion, b.motion, atol=1e-5)
+    assert np.max(np.abs(a.frames.astype(int) - b.frames.astype(int))) <= 1
+    with pytest.raises(FileNotFoundError, match="not a model export"):
+        inference.Pipeline.load(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+
+@pytest.fixture(scope="module")
+def exported(pipe, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("export") / "model")
+    pipe.export(out)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["offline", "stream"])
+def test_sample_cli_writes_video_with_audio(exported, tmp_path, mode, capsys):
+    import sample
+    from vasa_jax import video
+
+    out = str(tmp_path / "out.mp4")
+    rc = sample.main(["--model", exported, "--out", out, "--mode", mode, "--no_progress",
+                      "--head", "still", "--seed", "2"])
+    assert rc == 0, capsys.readouterr().err
+    frames, fps = video.read_video(out)
+    speech = audio_lib.load_audio(sample.DEMO_AUDIO)
+    assert fps == pytest.approx(25.0)
+    assert abs(len(frames) - audio_lib.num_video_frames(len(speech))) <= 1
+    assert frames.shape[1:] == (64, 64, 3)
+    if mode == "offline":  # the muxed audio track decodes to the speech's length
+        track = audio_lib.load_audio(out)
+        assert abs(len(track) - len(speech)) < 0.05 * 16000
+
+
+def test_sample_cli_bad_input(exported, tmp_path, capsys):
+    import sample
+
+    def run(*extra):
+        return sample.main(["--model", exported, "--no_progress", *extra])
+
+    out = str(tmp_path / "x.mp4")
+    assert run("--image", str(tmp_path / "none.png"), "--out", out) == 2
+    assert "no such image" in capsys.readouterr().err
+    not_image = tmp_path / "not.png"
+    not_image.write_text("hello")
+    assert run("--image", str(not_image), "--out", out) == 2
+    assert "not an image" in capsys.readouterr().err
+    assert run("--out", str(tmp_path / "missing" / "x.mp4")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    silent = tmp_path / "silent.wav"
+    from vasa_jax.video import write_wav
+
+    write_wav(str(silent), np.zeros(16000, np.float32), 16000)
+    assert run("--audio", str(silent), "--out", out) == 2
+    assert "silent" in capsys.readouterr().err
+    assert run("--model", str(tmp_path), "--out", out) == 2
+    assert "not a model export" in capsys.readouterr().err
+    assert not os.path.exists(out)
