@@ -92,19 +92,40 @@ def _check_output(path: str) -> None:
         raise ValueError(f"--out: folder {parent!r} is not writable")
 
 
+class MouthReader:
+    """The expression meter's mouth_open of uint8 frames [N, S, S, 3] -> [N] (jitted)."""
+
+    def __init__(self, meter_path: str):
+        import jax
+
+        from data_pipeline.transforms import to_signed_float
+        from vasa_jax.evaluate.face_latent import load_meter
+
+        meter = load_meter(meter_path)
+        self._params = meter.params
+        self._fn = jax.jit(lambda p, x: meter.apply(p, to_signed_float(x))["mouth_open"])
+
+    def __call__(self, frames):
+        import numpy as np
+
+        return np.asarray(self._fn(self._params, frames))
+
+
+def lip_sync_r(mouth, audio) -> tuple[float, int]:
+    """Mouth readings [T] against the speech's frame RMS envelope: (Pearson r at the best
+    lag within +-3 frames, that lag)."""
+    from data_pipeline.synthtalk.sync import correlation_from_envelopes, frame_rms
+
+    return correlation_from_envelopes([mouth], [frame_rms(audio, len(mouth))])
+
+
 def lip_sync(frames, audio, meter_path: str) -> tuple[float, int]:
-    """The meter's mouth_open of the frames against the speech's frame RMS envelope:
-    (Pearson r at the best lag within +-3 frames, that lag)."""
+    """`lip_sync_r` of the meter's reading of frames [T, S, S, 3]."""
     import numpy as np
 
-    from data_pipeline.synthtalk.sync import correlation_from_envelopes, frame_rms
-    from vasa_jax.evaluate.face_latent import load_meter
-    from vasa_jax.inference import uint8_to_signed
-
-    meter = load_meter(meter_path)
-    mouth = np.concatenate([np.asarray(meter.apply(meter.params, uint8_to_signed(frames[i:i + 64]))
-                                       ["mouth_open"]) for i in range(0, len(frames), 64)])
-    return correlation_from_envelopes([mouth], [frame_rms(audio, len(frames))])
+    reader = MouthReader(meter_path)
+    return lip_sync_r(np.concatenate([reader(frames[i:i + 64]) for i in range(0, len(frames), 64)]),
+                      audio)
 
 
 def main(argv=None) -> int:
@@ -141,37 +162,45 @@ def main(argv=None) -> int:
         print(f"model loaded in {time.perf_counter() - t0:.1f} s; {len(waveform) / 16000:.2f} s "
               f"of audio -> {pipe.num_frames(len(waveform))} frames at {pipe.fps:g} fps, "
               f"{pipe.image_size} px", file=sys.stderr)
+        reader = MouthReader(meter) if meter else None
+        total = pipe.num_frames(len(waveform))
+        mouths, timing = [], {"first": None}
         t0 = time.perf_counter()
         if args.mode == "offline":
-            result = pipe.generate(image, waveform, controls, driving_pose=driving,
-                                   progress=not args.no_progress)
-            frames = result.frames
-            elapsed = time.perf_counter() - t0
-            print(f"generated {len(frames)} frames in {elapsed:.1f} s "
-                  f"({len(frames) / elapsed:.1f} fps, compilation included)", file=sys.stderr)
-        else:
+            blocks = (w.frames for w in pipe.windows(image, waveform, controls,
+                                                     driving_pose=driving))
+        else:  # 40 ms chunks, as if the audio arrived live (as fast as frames are taken)
             chunk = inference.SAMPLE_RATE // 25
             chunks = (waveform[i:i + chunk] for i in range(0, len(waveform), chunk))
-            got, first = [], None
-            stream = pipe.stream(image, chunks, controls, driving_pose=driving)
-            if not args.no_progress:
-                from tqdm import tqdm
+            blocks = (f.image[None] for f in pipe.stream(image, chunks, controls,
+                                                         driving_pose=driving))
+        if not args.no_progress:
+            from tqdm import tqdm
 
-                stream = tqdm(stream, total=pipe.num_frames(len(waveform)), unit="frame",
-                              desc="streaming")
-            for frame in stream:
-                if first is None:
-                    first = time.perf_counter() - t0
-                got.append(frame.image)
-            frames = np.stack(got)
-            elapsed = time.perf_counter() - t0
-            print(f"streamed {len(frames)} frames: first after {first:.2f} s, then "
-                  f"{(len(frames) - 1) / max(elapsed - first, 1e-9):.1f} fps (audio fed as fast "
-                  "as it is consumed; compilation included)", file=sys.stderr)
-        video.write_video(args.out, frames, pipe.fps, waveform, inference.SAMPLE_RATE)
-        print(f"wrote {args.out} ({len(frames)} frames, {len(frames) / pipe.fps:.2f} s)")
-        if meter:
-            r, lag = lip_sync(frames, waveform, meter)
+            bar = tqdm(total=total, unit="frame", desc=args.mode)
+        else:
+            bar = None
+
+        def frames():  # to the encoder as they come: memory bounded for any length
+            for block in blocks:
+                if timing["first"] is None:
+                    timing["first"] = time.perf_counter() - t0
+                if reader is not None:
+                    mouths.append(reader(block))
+                if bar is not None:
+                    bar.update(len(block))
+                yield from block
+
+        count = video.write_video(args.out, frames(), pipe.fps, waveform, inference.SAMPLE_RATE)
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        first = timing["first"]
+        print(f"{args.mode}: {count} frames in {elapsed:.1f} s ({count / elapsed:.1f} fps with "
+              f"compilation and encoding); first frame after {first:.2f} s", file=sys.stderr)
+        print(f"wrote {args.out} ({count} frames, {count / pipe.fps:.2f} s)")
+        if reader is not None:
+            r, lag = lip_sync_r(np.concatenate(mouths), waveform)
             print(f"lip sync (expression meter's mouth vs speech envelope): r = {r:.3f} at lag "
                   f"{lag} frames")
     except (FileNotFoundError, FileExistsError, ValueError, audio_lib.AudioError) as e:

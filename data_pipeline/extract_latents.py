@@ -214,10 +214,9 @@ class RunningStats:
 def _encode(graphdef, state, frames: jax.Array) -> jax.Array:
     """uint8 frames [B, S, S, 3] -> float32 [B, 7 + dyn_dim] = [z_pose, z_dyn].
 
-    The uint8 -> [-1, 1] conversion (`transforms.to_signed_float`) runs on the device: a
-    quarter of the host-to-device bytes.
+    The uint8 -> [-1, 1] conversion (`transforms.to_signed_float`) runs on the device.
     """
-    images = frames.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    images = T.to_signed_float(frames)
     z_pose, z_dyn = nnx.merge(graphdef, state).encode_motion(images)
     return jnp.concatenate([z_pose, z_dyn], axis=-1).astype(jnp.float32)
 
@@ -231,21 +230,17 @@ def _jitted_encode(compiler_options: tuple[tuple[str, Any], ...] = ()) -> Callab
 
 class MotionEncoder:
     """A stage-1 model's `encode_motion`, jitted, in fixed-size batches sharded over the
-    mesh's batch axes (data parallel; the weights stay where `restore` placed them).
+    mesh's batch axes (`sharding.BatchMapper`; the weights stay where `restore` placed them).
 
-    `encoder(frames uint8 [N, S, S, 3])` -> float32 [N, dim] = [z_pose, z_dyn]. Every call
-    of the compiled function sees exactly `batch_size` rows (the last batch padded by
-    repeating its first row); all batches of a call are dispatched before any is fetched.
+    `encoder(frames uint8 [N, S, S, 3])` -> float32 [N, dim] = [z_pose, z_dyn].
     """
 
     def __init__(self, model, mesh: jax.sharding.Mesh, rules, batch_size: int,
                  compiler_options: dict[str, Any] | None = None):
         from vasa_jax.parallel import sharding
 
-        self._sharding = sharding
-        self.batch_size = sharding.round_batch_size(mesh, batch_size)
-        self.mesh, self.rules = mesh, rules
-        self.data_sharding = sharding.data_sharding(mesh)
+        self.mapper = sharding.BatchMapper(mesh, rules, batch_size)
+        self.batch_size, self.mesh = self.mapper.batch_size, mesh
         self.image_size = int(model.image_size)
         self.graphdef, self.state = nnx.split(model)
         self._fn = _jitted_encode(tuple(sorted((compiler_options or {}).items())))
@@ -259,18 +254,9 @@ class MotionEncoder:
         if frames.dtype != np.uint8 or frames.shape[1:] != (s, s, 3):
             raise ValueError(f"expected uint8 frames [N, {s}, {s}, 3], got {frames.dtype} "
                              f"{frames.shape}")
-        n, b = len(frames), self.batch_size
-        outs = []
-        with self._sharding.mesh_rules(self.mesh, self.rules):
-            for i in range(0, n, b):
-                x = frames[i:i + b]
-                if len(x) < b:
-                    x = np.concatenate([x, np.repeat(x[:1], b - len(x), axis=0)])
-                outs.append(self._fn(self.graphdef, self.state,
-                                     jax.device_put(x, self.data_sharding)))
-        if not outs:
+        if not len(frames):
             return np.zeros((0, self.dim), np.float32)
-        return np.concatenate([np.asarray(o) for o in outs])[:n]
+        return self.mapper.map(lambda x: self._fn(self.graphdef, self.state, x), [frames])
 
 
 class _RowStream:

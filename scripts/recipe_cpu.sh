@@ -5,17 +5,18 @@
 # Budgets on 2 CPU cores (env overrides): STAGE1_STEPS, STAGE2_STEPS, METER_STEPS, IDS, CLIPS;
 # STAGE1_MINUTES (default 55): stage 1's training loop also stops at this wall-clock budget
 # (train.max_minutes; a slower machine trains fewer steps, re-running resumes). The step
-# count is what 2 free cores fit in that budget (0.6-0.9 s a step), so that the cosine
-# schedule anneals;
+# count is what 2 free cores of the machine this was measured on fit in that budget (0.25-
+# 0.3 s a step; earlier machines took 0.6-0.9 s): the cosine schedule should end before the
+# budget does, so on a slower machine set STAGE1_STEPS to 55 minutes / its s/step (printed
+# in the first log lines);
 # STAGE2_MINUTES (default 18), the same for stage 2;
-# CONSIST_WEIGHT (l_consist, default 0: on half the batch it doubles a stage-1 step, and
-# the steps would not fit in 60 minutes; a step costs about 1.25 s on 2 free cores).
+# CONSIST_WEIGHT (l_consist, default 0: on half the batch it doubles a stage-1 step).
 # Every step resumes or skips what WORKDIR already holds, so a stopped recipe can be re-run.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/recipe_lib.sh"
 recipe_start scripts/recipe_cpu.sh "$@"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-STAGE1_STEPS="${STAGE1_STEPS:-3600}"
+STAGE1_STEPS="${STAGE1_STEPS:-10000}"
 STAGE1_MINUTES="${STAGE1_MINUTES:-55}"
 CONSIST_WEIGHT="${CONSIST_WEIGHT:-0}"
 STAGE2_STEPS="${STAGE2_STEPS:-1500}"

@@ -296,3 +296,25 @@ def test_round_batch_size_to_the_batch_axes():
     assert [sharding.round_batch_size(mesh, b) for b in (0, 1, 4, 5, 16)] == [4, 4, 4, 8, 16]
     assert sharding.round_batch_size(mesh, 3, batch_axes=("data",)) == 4
     assert sharding.round_batch_size(mesh, 5, batch_axes=("data",)) == 6
+
+
+def test_batch_mapper_pads_shards_and_compiles_once():
+    mesh = mesh_lib.create_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
+    mapper = sharding.BatchMapper(mesh, (("batch", ("data", "fsdp")),), 6)
+    assert mapper.batch_size == 8
+    seen = []
+
+    @jax.jit
+    def fn(x, y):
+        seen.append(x.shape)  # traced once per shape
+        return {"sum": x.sum(axis=1) + y, "first": x[:, 0]}
+
+    x = np.arange(19 * 3, dtype=np.float32).reshape(19, 3)
+    y = np.arange(19, dtype=np.float32)
+    out = mapper.map(fn, [x, y])
+    np.testing.assert_allclose(out["sum"], x.sum(axis=1) + y)
+    np.testing.assert_allclose(out["first"], x[:, 0])
+    assert seen == [(8, 3)]  # 3 batches, the last padded: one compilation
+    assert mapper.put(x[:5]).sharding.spec == P(("data", "fsdp"))
+    with pytest.raises(ValueError, match="no rows"):
+        mapper.map(fn, [x[:0], y[:0]])

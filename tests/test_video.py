@@ -1,6 +1,7 @@
 """vasa_jax.video: H.264/AAC writing via ffmpeg, reading back, grids."""
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -81,6 +82,22 @@ def test_write_without_audio_and_odd_size(tmp_path):
     assert fps == pytest.approx(12.5)
     assert back.shape == (10, 32, 46, 3)  # padded to even sizes for yuv420p
     np.testing.assert_allclose(back[0, 8, 8].astype(int), COLORS[0].astype(int), atol=12)
+
+
+@needs_ffmpeg
+def test_write_from_a_generator_of_frames(tmp_path):
+    """Frames can come one at a time (bounded memory): same file as from the array."""
+    frames = _frames(t=9, h=31, w=45)
+    path = str(tmp_path / "gen.mp4")
+    assert video.write_video(path, (f for f in frames), 25.0) == 9
+    back, _ = video.read_video(path)
+    assert back.shape == (9, 32, 46, 3)
+    np.testing.assert_allclose(back[0, 8, 8].astype(int), COLORS[0].astype(int), atol=12)
+    with pytest.raises(ValueError, match="differs from the first"):
+        video.write_video(str(tmp_path / "bad.mp4"), iter([frames[0], frames[0, :8]]), 25.0)
+    with pytest.raises(ValueError, match="empty"):
+        video.write_video(str(tmp_path / "none.mp4"), iter([]), 25.0)
+    assert not os.path.exists(str(tmp_path / "bad.mp4"))
 
 
 def test_without_ffmpeg_keeps_mp4v_and_warns(tmp_path, monkeypatch):

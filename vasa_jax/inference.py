@@ -52,6 +52,7 @@ from flax import nnx
 
 from data_pipeline import schema
 from data_pipeline import stats as stats_lib
+from data_pipeline import transforms
 from vasa_jax import audio as audio_lib
 from vasa_jax.models.face_latent import FaceLatentModel
 from vasa_jax.models.motion_dit import CONTROL_DIMS, MotionDiT
@@ -67,11 +68,6 @@ HEAD_MODES = ("generated", "still")
 # ----------------------------------------------------------------------------- inputs
 
 
-def uint8_to_signed(frames: jax.Array) -> jax.Array:
-    """uint8 images -> float32 in [-1, 1] (the one conversion inference uses)."""
-    return frames.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-
-
 def signed_to_uint8(images: jax.Array) -> jax.Array:
     """images in [-1, 1] -> uint8 (clipped, rounded)."""
     return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
@@ -83,8 +79,6 @@ def prepare_portrait(image: np.ndarray, size: int) -> np.ndarray:
     A non-square image is centre-cropped to a square and resized, with a warning: the
     model expects face crops framed as its training data (schema.FACE_CROP_HEIGHT).
     """
-    import cv2
-
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
@@ -95,17 +89,12 @@ def prepare_portrait(image: np.ndarray, size: int) -> np.ndarray:
     image = image[..., :3]
     h, w = image.shape[:2]
     if h != w:
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        warnings.warn(f"portrait is {w}x{h}, not square: centre-cropped to {side}x{side}; the "
+        warnings.warn(f"portrait is {w}x{h}, not square: centre-cropped to a square; the "
                       "model expects a face crop framed like its training data", stacklevel=2)
-        image = image[top:top + side, left:left + side]
-    if image.shape[0] != size:
-        if abs(image.shape[0] - size) > size // 4:
-            warnings.warn(f"portrait resized from {image.shape[0]} to the model's {size} px",
-                          stacklevel=2)
-        interp = cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_CUBIC
-        image = cv2.resize(image, (size, size), interpolation=interp)
+    if abs(min(h, w) - size) > size // 4:
+        warnings.warn(f"portrait resized from {min(h, w)} to the model's {size} px",
+                      stacklevel=2)
+    image = transforms.resize_square(image, size)
     return np.ascontiguousarray(image, np.uint8)
 
 
@@ -192,6 +181,18 @@ class Frame:
 
 
 @dataclasses.dataclass
+class Window:
+    """Frames [start, start + L) of a clip: uint8 frames [L, S, S, 3], the generated motion
+    [L, 7 + D] and the codes decoded after the controls, z_pose [L, 7], z_dyn [L, D]."""
+
+    start: int
+    frames: np.ndarray
+    motion: np.ndarray
+    z_pose: np.ndarray
+    z_dyn: np.ndarray
+
+
+@dataclasses.dataclass
 class Video:
     """A generated clip: frames uint8 [T, S, S, 3] at fps, the audio, and the motion."""
 
@@ -207,12 +208,12 @@ class Video:
 
 
 def _encode(graphdef, state, image):
-    latent = nnx.merge(graphdef, state).encode(uint8_to_signed(image))
+    latent = nnx.merge(graphdef, state).encode(transforms.to_signed_float(image))
     return latent.v_app, latent.z_id, latent.z_pose, latent.z_dyn
 
 
 def _encode_pose(graphdef, state, frames):
-    return nnx.merge(graphdef, state).encode_motion(uint8_to_signed(frames))[0]
+    return nnx.merge(graphdef, state).encode_motion(transforms.to_signed_float(frames))[0]
 
 
 def _render(graphdef, state, v_app, z_id, z_pose, z_dyn):
@@ -428,30 +429,31 @@ class Pipeline:
 
     # -------------------------------------------------------------------------- generation
 
-    def generate(self, image: np.ndarray, audio: np.ndarray, controls: Controls = Controls(),
-                 *, driving_pose: np.ndarray | None = None, progress: bool = False) -> Video:
-        """Portrait uint8 [H, W, 3] + mono float32 audio [N] at SAMPLE_RATE -> Video of
-        num_frames(N) frames."""
+    def windows(self, image: np.ndarray, audio: np.ndarray, controls: Controls = Controls(),
+                *, driving_pose: np.ndarray | None = None) -> Iterator[Window]:
+        """The clip window by window (memory bounded for any audio length): portrait uint8
+        [H, W, 3] + mono float32 audio [N] at SAMPLE_RATE -> Window per W frames, num_frames(N)
+        frames in all."""
         audio = audio_lib.check_waveform(audio)
         total = self.num_frames(len(audio))
         if total < 1:
             raise ValueError(f"audio of {len(audio)} samples is shorter than one frame")
         portrait = self.encode_portrait(image)
-        feats = self.features(audio, 0, total)
         stream = self._stream(controls)
-        frames, motions, poses, dyns = [], [], [], []
-        starts = range(0, total, self.window)
-        if progress:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc="generating", unit="window")
-        for start in starts:
-            motion = stream.next_window(feats[None, start:start + self.window])[0]
+        for start in range(0, total, self.window):
+            stop = min(start + self.window, total)
+            motion = stream.next_window(self.features(audio, start, stop)[None])[0]
             z_pose, z_dyn = self.apply_controls(motion, portrait, controls, start, driving_pose)
-            frames.append(self.render(portrait, z_pose, z_dyn))
-            motions.append(motion), poses.append(z_pose), dyns.append(z_dyn)
-        return Video(np.concatenate(frames), self.fps, audio, np.concatenate(poses),
-                     np.concatenate(dyns), np.concatenate(motions))
+            yield Window(start, self.render(portrait, z_pose, z_dyn), motion, z_pose, z_dyn)
+
+    def generate(self, image: np.ndarray, audio: np.ndarray, controls: Controls = Controls(),
+                 *, driving_pose: np.ndarray | None = None) -> Video:
+        """The whole clip in memory (`windows` for long audio): Video of num_frames(N)
+        frames."""
+        parts = list(self.windows(image, audio, controls, driving_pose=driving_pose))
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+        return Video(cat("frames"), self.fps, audio_lib.check_waveform(audio), cat("z_pose"),
+                     cat("z_dyn"), cat("motion"))
 
     def stream(self, image: np.ndarray, chunks: Iterable[np.ndarray],
                controls: Controls = Controls(), *, driving_pose: np.ndarray | None = None

@@ -10,12 +10,14 @@ the result is cv2.VideoWriter's own mp4v at `path`, with a warning (and no audio
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
 import tempfile
 import warnings
 import wave
+from collections.abc import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -30,8 +32,40 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def _write_cv2(path: str, frames: np.ndarray, fps: float, fourcc: str) -> None:
-    t, h, w, _ = frames.shape
+def _frame_iter(frames) -> tuple[tuple[int, int], Iterator[np.ndarray]]:
+    """An array [T, H, W, 3] or an iterable of frames [H, W, 3] -> ((H, W), every frame
+    checked and padded to even sizes (H.264 yuv420p needs them: odd H or W get one black
+    row / column at the bottom / right))."""
+    if isinstance(frames, np.ndarray):
+        frames = iter(_check_frames(frames))
+    else:
+        frames = iter(frames)
+    try:
+        first = next(frames)
+    except StopIteration:
+        raise ValueError("frames is empty (T = 0)") from None
+    first = np.asarray(first)
+    if first.dtype != np.uint8 or first.ndim != 3 or first.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [H, W, 3] each, got {first.dtype} {first.shape}")
+    shape = first.shape
+
+    def padded():
+        for frame in itertools.chain([first], frames):
+            frame = np.asarray(frame)
+            if frame.shape != shape or frame.dtype != np.uint8:
+                raise ValueError(f"frame {frame.dtype} {frame.shape} differs from the first "
+                                 f"({shape})")
+            h, w = shape[:2]
+            if h % 2 or w % 2:  # cv2 would silently crop odd sizes
+                frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)))
+            yield np.ascontiguousarray(frame)
+
+    return (shape[0] + shape[0] % 2, shape[1] + shape[1] % 2), padded()
+
+
+def _write_cv2(path: str, size: tuple[int, int], frames: Iterator[np.ndarray], fps: float,
+               fourcc: str) -> None:
+    h, w = size
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), float(fps), (w, h))
     if not writer.isOpened():
         raise RuntimeError(f"cv2.VideoWriter could not open {path!r} with codec {fourcc}")
@@ -53,28 +87,34 @@ def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
 
 def write_video(
     path: str,
-    frames: np.ndarray,
+    frames: np.ndarray | Iterable[np.ndarray],
     fps: float,
     audio: np.ndarray | None = None,
     sample_rate: int = 16000,
-) -> None:
-    """Writes RGB frames uint8 [T, H, W, 3] (+ mono float32 audio [N] in [-1, 1]) to `path`.
+) -> int:
+    """Writes RGB frames (+ mono float32 audio [N] in [-1, 1]) to `path`; returns the frame count.
 
-    H.264 (yuv420p) needs even sizes: odd H or W get one black row/column at the
-    bottom/right.
+    frames: uint8 [T, H, W, 3], or any iterable of uint8 [H, W, 3] frames (a generator keeps
+    memory bounded for any length: frames go to the encoder as they come). H.264 (yuv420p)
+    needs even sizes: odd H or W get one black row/column at the bottom/right.
     """
-    frames = _check_frames(frames)
-    _, h, w, _ = frames.shape
-    if h % 2 or w % 2:  # cv2 would silently crop odd sizes; H.264 yuv420p needs even ones
-        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     if audio is not None:
         audio = np.asarray(audio, np.float32)
         if audio.ndim != 1:
             raise ValueError(f"audio must be mono float [N], got shape {audio.shape}")
+    (h, w), frames = _frame_iter(frames)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    count = 0
+
+    def counted():
+        nonlocal count
+        for frame in frames:
+            count += 1
+            yield frame
+
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         warnings.warn(
@@ -84,11 +124,10 @@ def write_video(
             RuntimeWarning,
             stacklevel=2,
         )
-        _write_cv2(path, frames, fps, "mp4v")
-        return
+        _write_cv2(path, (h, w), counted(), fps, "mp4v")
+        return count
     with tempfile.TemporaryDirectory(dir=parent) as tmp:
         out_tmp = os.path.join(tmp, "out.mp4")
-        t, h, w, _ = frames.shape
         cmd = [ffmpeg, "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24"]
         cmd += ["-s", f"{w}x{h}", "-r", f"{float(fps)!r}", "-i", "-"]
         if audio is not None:
@@ -100,15 +139,20 @@ def write_video(
         cmd += ["-movflags", "+faststart", out_tmp]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            for frame in frames:  # frame by frame: a whole 512 px grid video is GBs
-                proc.stdin.write(np.ascontiguousarray(frame).tobytes())
+            for frame in counted():  # frame by frame: a whole 512 px video is GBs
+                proc.stdin.write(frame.tobytes())
             proc.stdin.close()
         except BrokenPipeError:
             pass  # ffmpeg exited early; its error message is reported below
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
         err = proc.stderr.read().decode(errors="replace")
         if proc.wait() != 0:
             raise RuntimeError(f"ffmpeg failed ({proc.returncode}) writing {path!r}: {err[-2000:]}")
         os.replace(out_tmp, path)  # never leave a half-written file at `path`
+    return count
 
 
 def read_video(path: str) -> tuple[np.ndarray, float]:

@@ -301,11 +301,6 @@ class Rows:
         return self.base[self.index[s]]
 
 
-def _to_float(frames: jax.Array) -> jax.Array:
-    """uint8 frames -> float32 in [-1, 1] (data_pipeline.transforms.to_signed_float, on
-    the device: a quarter of the host-to-device bytes)."""
-    return frames.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-
 
 # The model functions are jitted once per set of XLA compiler options, with the generator's
 # graphdef (and the identity function) static: every BatchRunner of the same architecture,
@@ -313,14 +308,14 @@ def _to_float(frames: jax.Array) -> jax.Array:
 
 
 def _encode_motion(graphdef, state, frames):
-    return nnx.merge(graphdef, state).encode_motion(_to_float(frames))
+    return nnx.merge(graphdef, state).encode_motion(T.to_signed_float(frames))
 
 
 def _transfer(graphdef, identity, state, id_params, source, z_pose, z_dyn):
     """Source frames' appearance + identity with the given motion -> (images in [-1, 1],
     their identity embeddings)."""
     gen = nnx.merge(graphdef, state)
-    source = _to_float(source)
+    source = T.to_signed_float(source)
     src_pose, src_dyn = gen.encode_motion(source)
     v_app, z_id = gen.encode_appearance(source, src_pose, src_dyn)
     out = jnp.clip(gen.decode(v_app, z_id, z_pose, z_dyn), -1.0, 1.0)
@@ -332,12 +327,12 @@ def _read_expression(meter, meter_params, images):
     from _transfer, whose compiled generator is then shared by runners with and without a
     meter.)"""
     if images.dtype == jnp.uint8:
-        images = _to_float(images)
+        images = T.to_signed_float(images)
     return meter(meter_params, images)
 
 
 def _embed(graphdef, identity, state, id_params, frames):
-    return identity(nnx.merge(graphdef, state), id_params, _to_float(frames))
+    return identity(nnx.merge(graphdef, state), id_params, T.to_signed_float(frames))
 
 
 def region_masks(size: int) -> dict[str, np.ndarray]:
@@ -349,7 +344,7 @@ def region_masks(size: int) -> dict[str, np.ndarray]:
 def _quality(images, target_frames):
     """images [B, S, S, 3] in [-1, 1] vs uint8 targets -> {"psnr", "ssim", "psnr_<region>"
     for each face box} [B]: a rendered expression shows in its box's PSNR."""
-    target = _to_float(target_frames)
+    target = T.to_signed_float(target_frames)
     out = {"psnr": image_metrics.psnr(images, target), "ssim": image_metrics.ssim(images, target)}
     for name, mask in region_masks(images.shape[-2]).items():
         out[f"psnr_{name}"] = image_metrics.psnr(images, target, mask=mask)
@@ -381,9 +376,8 @@ class BatchRunner:
     def __init__(self, model, mesh: jax.sharding.Mesh, rules, batch_size: int,
                  face_id_path: str = "", compiler_options: dict[str, Any] | None = None,
                  expression_meter=None):
-        self.batch_size = sharding.round_batch_size(mesh, batch_size)
-        self.mesh, self.rules = mesh, rules
-        self.data_sharding = sharding.data_sharding(mesh)
+        self.mapper = sharding.BatchMapper(mesh, rules, batch_size)
+        self.batch_size, self.mesh = self.mapper.batch_size, mesh
         self.image_size = int(model.image_size)
         self.graphdef, self.state = nnx.split(model)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -401,24 +395,12 @@ class BatchRunner:
         """uint8 [..., 3] -> float32 in [-1, 1]."""
         return T.to_signed_float(frames)
 
-    def _put(self, x: np.ndarray) -> jax.Array:
-        pad = self.batch_size - len(x)
-        if pad:
-            x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
-        return jax.device_put(x, self.data_sharding)
-
     def map(self, fn: Callable, inputs: Sequence[np.ndarray | Rows], desc: str = "",
             progress: bool = False) -> Any:
         """fn(*padded device batches) -> pytree of [batch_size, ...] arrays, over row-aligned
-        inputs [N, ...] (numpy or `Rows`); returns the pytree of numpy [N, ...] results."""
-        n = len(inputs[0])
-        pieces = []
-        with sharding.mesh_rules(self.mesh, self.rules):
-            for i in _progress(range(0, n, self.batch_size), desc, progress):
-                rows = min(self.batch_size, n - i)
-                res = fn(*[self._put(x[i:i + rows]) for x in inputs])
-                pieces.append(jax.tree.map(lambda a, r=rows: np.asarray(a)[:r], res))
-        return jax.tree.map(lambda *xs: np.concatenate(xs), *pieces)
+        inputs [N, ...] (numpy or `Rows`); returns the pytree of numpy [N, ...] results
+        (`sharding.BatchMapper.map`)."""
+        return self.mapper.map(fn, inputs, desc=desc, progress=progress)
 
     def encode_motion(self, frames: np.ndarray, progress: bool = True
                       ) -> tuple[np.ndarray, np.ndarray]:
@@ -468,7 +450,7 @@ class BatchRunner:
                 res["expression"] = read(self.meter, self.meter_params, out)
             if target:
                 res.update(quality(out, target[0]))
-                copy = quality(_to_float(src), target[0])
+                copy = quality(T.to_signed_float(src), target[0])
                 res.update({f"copy_{k}": v for k, v in copy.items()})
             if return_images:
                 res["images"] = out

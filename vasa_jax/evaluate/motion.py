@@ -348,9 +348,7 @@ def _encode_portrait(graphdef, state, frames):
     """uint8 portraits [B, S, S, 3] -> (v_app [B, D, H, W, C], z_id [B, id_dim])."""
     from flax import nnx
 
-    from vasa_jax.evaluate.face_latent import _to_float
-
-    latent = nnx.merge(graphdef, state).encode(_to_float(frames))
+    latent = nnx.merge(graphdef, state).encode(T.to_signed_float(frames))
     return latent.v_app, latent.z_id
 
 

@@ -300,3 +300,59 @@ def with_logical_constraint(
             return x
     spec = logical_to_spec(names, rules, mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+class BatchMapper:
+    """Jitted functions over row-aligned host arrays, in fixed-size batches laid out over
+    the mesh's batch axes (data parallel): the one batch mapper of the evaluators and the
+    latent extraction.
+
+    Every call sees exactly `batch_size` rows (rounded up to the batch-axis device count;
+    the last batch padded by repeating its first row), so each function compiles once.
+    Batch i + 1 is dispatched before batch i is fetched, so the host's copies overlap the
+    device's work; results are cut back to the real rows.
+
+        mapper = BatchMapper(mesh, rules, 64)
+        z = mapper.map(lambda x: encode(state, x), [frames])      # numpy [N, ...]
+    """
+
+    def __init__(self, mesh: Mesh, rules: Rules, batch_size: int):
+        self.mesh, self.rules = mesh, rules
+        self.batch_size = round_batch_size(mesh, batch_size)
+        self.data_sharding = data_sharding(mesh)
+
+    def put(self, x: np.ndarray) -> jax.Array:
+        """Host rows [n <= batch_size, ...] -> a padded [batch_size, ...] device batch."""
+        pad = self.batch_size - len(x)
+        if pad:
+            x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
+        return jax.device_put(x, self.data_sharding)
+
+    def map(self, fn: Callable[..., Any], inputs: Sequence[Any], *, desc: str = "",
+            progress: bool = False) -> Any:
+        """fn(*device batches [batch_size, ...]) -> pytree of [batch_size, ...] arrays, over
+        inputs [N, ...] (anything sliceable by rows); returns the pytree of numpy [N, ...]."""
+        n = len(inputs[0])
+        starts = range(0, n, self.batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc=desc, leave=False, dynamic_ncols=True)
+        pieces, pending = [], None
+
+        def fetch(item):
+            res, rows = item
+            pieces.append(jax.tree.map(lambda a: np.asarray(a)[:rows], res))
+
+        with mesh_rules(self.mesh, self.rules):
+            for i in starts:
+                rows = min(self.batch_size, n - i)
+                item = (fn(*[self.put(np.asarray(x[i:i + rows])) for x in inputs]), rows)
+                if pending is not None:
+                    fetch(pending)
+                pending = item
+        if pending is not None:
+            fetch(pending)
+        if not pieces:
+            raise ValueError("BatchMapper.map: no rows")
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *pieces)

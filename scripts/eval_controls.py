@@ -1,0 +1,140 @@
+"""Does every sample.py control do what it says? Measured on a model export's output frames.
+
+    python scripts/eval_controls.py --model DIR --data SYNTHTALK [--clips 8] [--meter M]
+
+For held-out SynthTalk clips, each clip's first frame is the portrait and its speech the
+audio; every control variant generates a video. The output frames are read back by the
+export's own stage-1 encoder (z_pose angles; ridge probes fitted on the same clips' real
+frames map z_pose to head distance and z_dyn to gaze) and by the expression meter (mouth).
+Printed as a markdown table, per variant: mouth r (meter vs the clip's true mouth_open),
+envelope r (meter vs the speech's frame RMS, best lag within +-3), dP (mean frame-to-frame
+change of the re-read yaw/pitch/roll, degrees), the mean angle away from the portrait's
+pose, the gaze error to the request (degrees) and the mean re-read head distance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, lam: float = 1e-2):
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sd
+    z1 = np.concatenate([z, np.ones((len(z), 1))], 1)
+    w = np.linalg.solve(z1.T @ z1 + lam * len(z) * np.eye(z1.shape[1]), z1.T @ y)
+    return lambda q: np.concatenate([(q - mu) / sd, np.ones((len(q), 1))], 1) @ w
+
+
+def _pearson(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a model export (vasa_jax.inference)")
+    p.add_argument("--data", required=True, help="a SynthTalk corpus with a test split")
+    p.add_argument("--clips", type=int, default=8)
+    p.add_argument("--meter", default=None, help="expression meter (default MODEL/expression_meter)")
+    p.add_argument("--gaze", type=float, default=15.0, help="requested gaze theta offset (deg)")
+    args = p.parse_args(argv)
+
+    import jax
+    from flax import nnx
+
+    from data_pipeline import schema
+    from data_pipeline.loaders import load_clip_index
+    from data_pipeline.synthtalk.sync import correlation_from_envelopes, frame_rms
+    from data_pipeline.transforms import resize_square, to_signed_float
+    from vasa_jax.evaluate.face_latent import load_meter
+    from vasa_jax.inference import Controls, Pipeline
+    from vasa_jax.metrics.motion import angular_error_deg
+
+    pipe = Pipeline.load(args.model)
+    meter = load_meter(args.meter or os.path.join(args.model, "expression_meter"))
+
+    @jax.jit
+    def read_batch(state, meter_params, frames):
+        images = to_signed_float(frames)
+        z_pose, z_dyn = nnx.merge(pipe._graphdef, state).encode_motion(images)
+        return z_pose, z_dyn, meter.apply(meter_params, images)["mouth_open"]
+
+    def read(frames: np.ndarray):
+        """frames uint8 [T, S, S, 3] -> (angles deg [T, 3], z_pose [T, 7], z_dyn [T, D],
+        meter mouth [T])."""
+        poses, dyns, mouths = [], [], []
+        for i in range(0, len(frames), pipe.window):
+            z_pose, z_dyn, mouth = read_batch(pipe._state, meter.params, frames[i:i + pipe.window])
+            poses.append(np.asarray(z_pose)), dyns.append(np.asarray(z_dyn))
+            mouths.append(np.asarray(mouth))
+        z_pose, z_dyn = np.concatenate(poses), np.concatenate(dyns)
+        return np.degrees(z_pose[:, :3]), z_pose, z_dyn, np.concatenate(mouths)
+
+    index = load_clip_index(args.data, "test")
+    source = schema.read_records(index.paths)
+    ids = np.unique(np.linspace(0, len(index) - 1, args.clips).round().astype(int))
+    clips = [schema.decode_clip(source[int(i)]) for i in ids]
+    real = []
+    for clip in clips:
+        frames = np.stack([resize_square(f, pipe.image_size) for f in clip.decode_frames()])
+        real.append((frames, read(frames)))
+    # Probes on the real frames' re-read codes: z_dyn -> gaze, z_pose -> distance.
+    gaze_probe = _ridge(np.concatenate([r[1][2] for r in real]),
+                        np.concatenate([c.labels["gaze"] for c in clips]))
+    dist_probe = _ridge(np.concatenate([r[1][1] for r in real]),
+                        np.concatenate([c.labels["distance"].reshape(-1, 1) for c in clips]))
+    gaze_mean = np.concatenate([c.labels["gaze"] for c in clips]).mean(0)
+    dist_mean = float(np.concatenate([c.labels["distance"].ravel() for c in clips]).mean())
+    dist_std = float(np.concatenate([c.labels["distance"].ravel() for c in clips]).std())
+    want_gaze = gaze_mean + np.array([args.gaze, 0.0])
+    want_dist = dist_mean + 2 * dist_std
+
+    variants = {
+        "real frames (reference)": None,
+        "default": Controls(),
+        "head still": Controls(head="still"),
+        "head amplitude 0.5": Controls(head_amplitude=0.5),
+        "lip only": Controls(lip_only=True),
+        f"gaze +{args.gaze:g} deg, l_g = 1": Controls(gaze=tuple(want_gaze),
+                                                  guidance={"audio": 0.5, "gaze": 1.0}),
+        f"gaze +{args.gaze:g} deg, l_g = 0": Controls(gaze=tuple(want_gaze),
+                                                  guidance={"audio": 0.5, "gaze": 0.0}),
+        "distance mean + 2 std": Controls(distance=want_dist),
+    }
+    print(f"model {args.model}, {len(clips)} held-out clips of {args.data}; requested gaze "
+          f"{want_gaze.round(1).tolist()} deg (data mean + {args.gaze:g} theta), distance "
+          f"{want_dist:.3f} (data mean {dist_mean:.3f})")
+    print("| variant | mouth r | envelope r | dP (deg/frame) | angle from portrait (deg) | "
+          "gaze error (deg) | distance |")
+    print("|---|---|---|---|---|---|---|")
+    for name, controls in variants.items():
+        mouth, truth, envs, dps, offs, gaze_err, dists = [], [], [], [], [], [], []
+        for clip, (frames, codes) in zip(clips, real):
+            if controls is None:
+                angles, z_pose, z_dyn, m = codes
+            else:
+                video = pipe.generate(frames[0], clip.audio, controls)
+                angles, z_pose, z_dyn, m = read(video.frames)
+            portrait = codes[0][0]  # the real first frame's re-read angles
+            mouth.append(m), truth.append(clip.labels["mouth_open"][:len(m)])
+            envs.append(frame_rms(clip.audio, len(m)))
+            dps.append(np.abs(np.diff(angles, axis=0)).sum(1).mean())
+            offs.append(np.linalg.norm(angles - portrait, axis=1).mean())
+            gaze = gaze_probe(z_dyn)
+            gaze_err.append(angular_error_deg(gaze, np.broadcast_to(want_gaze, gaze.shape)).mean())
+            dists.append(dist_probe(z_pose).mean())
+        r_env, _ = correlation_from_envelopes(mouth, envs)
+        print(f"| {name} | {_pearson(np.concatenate(mouth), np.concatenate(truth)):.3f} | "
+              f"{r_env:.3f} | {np.mean(dps):.3f} | {np.mean(offs):.2f} | "
+              f"{np.mean(gaze_err):.2f} | {np.mean(dists):.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

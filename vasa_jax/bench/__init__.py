@@ -1,0 +1,1 @@
+"""Speed benchmarks that print numbers (python -m vasa_jax.bench.<name>)."""
