@@ -7,9 +7,11 @@ audio; every control variant generates a video. The output frames are read back 
 export's own stage-1 encoder (z_pose angles; ridge probes fitted on the same clips' real
 frames map z_pose to head distance and z_dyn to gaze) and by the expression meter (mouth).
 Printed as a markdown table, per variant: mouth r (meter vs the clip's true mouth_open),
-envelope r (meter vs the speech's frame RMS, best lag within +-3), dP (mean frame-to-frame
-change of the re-read yaw/pitch/roll, degrees), the mean angle away from the portrait's
-pose, the gaze error to the request (degrees) and the mean re-read head distance.
+envelope r (meter vs the speech's frame RMS, best lag within +-3), dP of the motion as
+decoded (mean frame-to-frame change of z_pose's yaw/pitch/roll, degrees; for real frames,
+of the pose labels), dP of the frames (the same of the re-read angles: this includes the
+pose net's reading noise), the mean re-read angle away from the portrait's pose, the gaze
+error to the request (degrees) and the mean re-read head distance.
 """
 
 from __future__ import annotations
@@ -110,17 +112,20 @@ def main(argv=None) -> int:
     print(f"model {args.model}, {len(clips)} held-out clips of {args.data}; requested gaze "
           f"{want_gaze.round(1).tolist()} deg (data mean + {args.gaze:g} theta), distance "
           f"{want_dist:.3f} (data mean {dist_mean:.3f})")
-    print("| variant | mouth r | envelope r | dP (deg/frame) | angle from portrait (deg) | "
-          "gaze error (deg) | distance |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | mouth r | envelope r | dP motion (deg/frame) | dP frames | angle from "
+          "portrait (deg) | gaze error (deg) | distance |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, controls in variants.items():
-        mouth, truth, envs, dps, offs, gaze_err, dists = [], [], [], [], [], [], []
+        mouth, truth, envs, dps, offs, gaze_err, dists, dpm = [], [], [], [], [], [], [], []
         for clip, (frames, codes) in zip(clips, real):
             if controls is None:
                 angles, z_pose, z_dyn, m = codes
+                decoded = clip.labels["pose"][:, :3]
             else:
                 video = pipe.generate(frames[0], clip.audio, controls)
                 angles, z_pose, z_dyn, m = read(video.frames)
+                decoded = np.degrees(video.z_pose[:, :3])
+            dpm.append(np.abs(np.diff(decoded, axis=0)).sum(1).mean())
             portrait = codes[0][0]  # the real first frame's re-read angles
             mouth.append(m), truth.append(clip.labels["mouth_open"][:len(m)])
             envs.append(frame_rms(clip.audio, len(m)))
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
             dists.append(dist_probe(z_pose).mean())
         r_env, _ = correlation_from_envelopes(mouth, envs)
         print(f"| {name} | {_pearson(np.concatenate(mouth), np.concatenate(truth)):.3f} | "
-              f"{r_env:.3f} | {np.mean(dps):.3f} | {np.mean(offs):.2f} | "
+              f"{r_env:.3f} | {np.mean(dpm):.3f} | {np.mean(dps):.3f} | {np.mean(offs):.2f} | "
               f"{np.mean(gaze_err):.2f} | {np.mean(dists):.3f} |")
     return 0
 
