@@ -38,8 +38,8 @@ if [ ! -f "$W/meter/expression_meter.json" ]; then
 fi
 
 if [ ! -f "$W/pose/face_pose.json" ]; then
-  stamp "head-pose and landmark net (2500 steps; frozen in stage 1)"
-  $PY -m vasa_jax.models.face_pose train --data "$D" --out "$W/pose" --steps 2500 \
+  stamp "head-pose and landmark net ($POSE_STEPS steps; frozen in stage 1)"
+  $PY -m vasa_jax.models.face_pose train --data "$D" --out "$W/pose" --steps "$POSE_STEPS" \
     --rotate_deg "$POSE_ROTATE_DEG" --set model.motion.glimpse_widths="$GLIMPSES"
 fi
 

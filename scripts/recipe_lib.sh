@@ -21,6 +21,9 @@ GLIMPSES="(0.65,0.4)"
 # The pose net's training turns its images by up to this many degrees (face_pose
 # --rotate_deg): without it, it learns the corpus's few roll trajectories by heart.
 POSE_ROTATE_DEG=15
+# Its training steps: held-out yaw/pitch/roll R^2 0.889 at 2500, 0.941 at 5000 (roll 0.78 ->
+# 0.89; docs/experiments.md).
+POSE_STEPS="${POSE_STEPS:-5000}"
 
 # Stage 1's model and loss options (docs/experiments.md has what each one bought).
 STAGE1_FLAGS=(
@@ -32,6 +35,7 @@ STAGE1_FLAGS=(
   --config.model.decoder.dyn_volume_channels=4
   --config.model.decoder.conv_before_up=True
   --config.loss.l1_region_weight=10
+  --config.loss.l1_eyes_weight=40
   --config.loss.dyn_std_weight=1.0
   --config.loss.dyn_pose_decorr_weight=1.0
   --config.loss.consist_fraction=0.5
