@@ -25,19 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, lam: float = 1e-2):
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    z = (x - mu) / sd
-    z1 = np.concatenate([z, np.ones((len(z), 1))], 1)
-    w = np.linalg.solve(z1.T @ z1 + lam * len(z) * np.eye(z1.shape[1]), z1.T @ y)
-    return lambda q: np.concatenate([(q - mu) / sd, np.ones((len(q), 1))], 1) @ w
-
-
-def _pearson(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a model export (vasa_jax.inference)")
@@ -56,7 +43,8 @@ def main(argv=None) -> int:
     from data_pipeline.transforms import resize_square, to_signed_float
     from vasa_jax.evaluate.face_latent import load_meter
     from vasa_jax.inference import Controls, Pipeline
-    from vasa_jax.metrics.motion import angular_error_deg
+    from vasa_jax.metrics.motion import angular_error_deg, pearson_r
+    from vasa_jax.metrics.probes import fit_ridge
 
     pipe = Pipeline.load(args.model)
     meter = load_meter(args.meter or os.path.join(args.model, "expression_meter"))
@@ -87,10 +75,10 @@ def main(argv=None) -> int:
         frames = np.stack([resize_square(f, pipe.image_size) for f in clip.decode_frames()])
         real.append((frames, read(frames)))
     # Probes on the real frames' re-read codes: z_dyn -> gaze, z_pose -> distance.
-    gaze_probe = _ridge(np.concatenate([r[1][2] for r in real]),
-                        np.concatenate([c.labels["gaze"] for c in clips]))
-    dist_probe = _ridge(np.concatenate([r[1][1] for r in real]),
-                        np.concatenate([c.labels["distance"].reshape(-1, 1) for c in clips]))
+    gaze_probe = fit_ridge(np.concatenate([r[1][2] for r in real]),
+                           np.concatenate([c.labels["gaze"] for c in clips])).predict
+    dist_probe = fit_ridge(np.concatenate([r[1][1] for r in real]),
+                           np.concatenate([c.labels["distance"].reshape(-1, 1) for c in clips])).predict
     gaze_mean = np.concatenate([c.labels["gaze"] for c in clips]).mean(0)
     dist_mean = float(np.concatenate([c.labels["distance"].ravel() for c in clips]).mean())
     dist_std = float(np.concatenate([c.labels["distance"].ravel() for c in clips]).std())
@@ -135,7 +123,7 @@ def main(argv=None) -> int:
             gaze_err.append(angular_error_deg(gaze, np.broadcast_to(want_gaze, gaze.shape)).mean())
             dists.append(dist_probe(z_pose).mean())
         r_env, _ = correlation_from_envelopes(mouth, envs)
-        print(f"| {name} | {_pearson(np.concatenate(mouth), np.concatenate(truth)):.3f} | "
+        print(f"| {name} | {pearson_r(np.concatenate(mouth), np.concatenate(truth)):.3f} | "
               f"{r_env:.3f} | {np.mean(dpm):.3f} | {np.mean(dps):.3f} | {np.mean(offs):.2f} | "
               f"{np.mean(gaze_err):.2f} | {np.mean(dists):.3f} |")
     return 0
