@@ -4,7 +4,7 @@
         [--audio mel|wav2vec2 --wav2vec2_path P] [--step S] [--batch_size 64]
         [--clips_per_shard 128] [--overwrite] [--no_progress]
 
-Restores the stage-1 generator of run W1 (`vasa_jax.evaluate.face_latent.restore`: the EMA
+Restores the stage-1 generator of run W1 (`vasa_jax.inference.restore_face`: the EMA
 weights of the latest or --step checkpoint, placed on all local devices) and, for every clip
 of both splits of D, writes to D2 the same clip record (frames, audio, labels, ids, attrs
 unchanged: the labels hold the stage-2 controls gaze, distance and emotion) with two
@@ -577,15 +577,15 @@ def extract(face_workdir: str, data: str, out: str, settings: Settings = Setting
             on_shard_done: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Runs the extraction (module docstring); returns a summary dict.
 
-    restored: the `face_latent.restore(face_workdir, settings.step)` result, if the caller
-    already has it (restoring reads the whole train state: seconds to minutes).
+    restored: the `vasa_jax.inference.restore_face(face_workdir, settings.step)` result, if
+    the caller already has it.
     on_shard_done(split, k) is called after output shard k of `split` is complete and
     marked done (tests interrupt a run by raising from it).
     Raises FileNotFoundError (no dataset / workdir / checkpoint) or ValueError (bad
     dataset, frames smaller than the model, an output made with other settings).
     """
     from data_pipeline.loaders import load_clip_index
-    from vasa_jax.evaluate import face_latent
+    from vasa_jax.inference import restore_face
     from vasa_jax.trainers.loop import FAST_CPU_COMPILE
 
     start = time.perf_counter()
@@ -608,7 +608,7 @@ def extract(face_workdir: str, data: str, out: str, settings: Settings = Setting
 
     audio = AudioFeatures(settings, info.fps)  # before the slow restore: fails fast
     if restored is None:
-        restored = face_latent.restore(face_workdir, settings.step)
+        restored = restore_face(face_workdir, settings.step)
     elif settings.step is not None and settings.step != restored.step:
         raise ValueError(f"settings.step {settings.step} != the restored step {restored.step}")
     encoder = MotionEncoder(restored.model, restored.mesh, restored.config.mesh.rules,

@@ -161,3 +161,45 @@ def test_export_and_load_params_only(tmp_path):
     np.testing.assert_allclose(inference_model(x), model(x), rtol=0.05, atol=0.05)
     with pytest.raises(FileNotFoundError):
         checkpointing.load_params(tmp_path / "missing")
+
+
+def test_weights_item_restores_the_inference_module_alone(tmp_path):
+    """The `weights` item (what the loop saves of the EMA module) restores into a fresh
+    module on another mesh, without the train state; a step without it says so."""
+    mesh_a, mesh_b = mesh_lib.create_mesh(MESH_A), mesh_lib.create_mesh(MESH_B)
+    graphdef, state, _ = sharding.create_sharded_state(create, mesh_a, RULES)
+    model, _ = nnx.merge(graphdef, state)
+    with checkpointing.Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state, force=True)
+        ckpt.save(2, state, weights=nnx.state(model), force=True)
+        assert not ckpt.has_weights(1) and ckpt.has_weights(2) and ckpt.has_weights()
+        with pytest.raises(FileNotFoundError, match="no 'weights' item"):
+            ckpt.restore_weights(nnx.state(model), 1)
+        restored = ckpt.restore_module(lambda: MLP(nnx.Rngs(9)), mesh_b, RULES)
+    assert isinstance(restored, MLP)
+    kernel = restored.up.kernel[...]
+    assert kernel.sharding.mesh == mesh_b and kernel.sharding.spec == P("fsdp", "data")
+    assert_trees_equal(nnx.state(restored), nnx.state(model))
+
+
+def test_open_run_checks_the_folder_stage_and_step(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpointing.open_run(tmp_path / "missing", "face_latent")
+    (tmp_path / "not_a_run").mkdir()
+    with pytest.raises(FileNotFoundError, match="checkpoints/ folder"):
+        checkpointing.open_run(tmp_path / "not_a_run", "face_latent")
+    assert not (tmp_path / "not_a_run" / checkpointing.CHECKPOINT_DIR).exists()  # not created
+    run = tmp_path / "run"
+    (run / checkpointing.CHECKPOINT_DIR).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+        checkpointing.open_run(run, "face_latent")
+    config = ml_collections.ConfigDict({"stage": "motion_dit", "seed": 3})
+    with checkpointing.Checkpointer(run / checkpointing.CHECKPOINT_DIR) as ckpt:
+        ckpt.save(4, {"w": jnp.zeros(2)}, config=config, force=True)
+    with pytest.raises(ValueError, match="holds a 'motion_dit' run, not 'face_latent'"):
+        checkpointing.open_run(run, "face_latent")
+    with pytest.raises(FileNotFoundError, match="no checkpoint for step 3"):
+        checkpointing.open_run(run, "motion_dit", step=3)
+    ckpt, step, saved = checkpointing.open_run(run, "motion_dit")
+    with ckpt:
+        assert step == 4 and saved == {"stage": "motion_dit", "seed": 3}

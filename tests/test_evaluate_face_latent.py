@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -25,6 +26,7 @@ from tests import testdata
 from vasa_jax import checkpointing
 from vasa_jax.evaluate import EVALUATORS, face_latent, get_evaluator
 from vasa_jax.evaluate.__main__ import main as evaluate_main
+from vasa_jax.inference import restore_face
 from vasa_jax.metrics import image as image_metrics
 from vasa_jax.parallel import sharding
 from vasa_jax.parallel.mesh import create_mesh
@@ -70,8 +72,9 @@ def run(tmp_path_factory):
         return x
 
     nnx.update(train_state.ema, jax.tree.map(mark, nnx.state(train_state.ema, nnx.Param)))
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, face_latent.CHECKPOINT_DIR))
-    ckpt.save(2, nnx.state(train_state), config=config, force=True)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))
+    ckpt.save(2, nnx.state(train_state), config=config, weights=nnx.state(train_state.ema),
+              force=True)
     ckpt.close()
     return workdir, data
 
@@ -121,20 +124,49 @@ def test_registry():
 
 @pytest.fixture(scope="module")
 def restored(run):
-    return face_latent.restore(run[0])
+    return restore_face(run[0])
 
 
-def test_restore_face_model_gives_the_ema_generator(run, restored):
+def test_restore_face_gives_the_ema_generator(run, restored):
     from vasa_jax.models.face_latent import FaceLatentModel
 
     workdir, data = run
-    config, model = face_latent.restore_face_model(workdir)
+    config, model = restored.config, restored.model
     assert isinstance(model, FaceLatentModel)
     assert config.stage == "face_latent" and config.data.path == data
     assert config.model.image_size == SIZE and isinstance(config.model.app.channels, tuple)
     np.testing.assert_array_equal(np.asarray(_first_param(model)[...]), EMA_MARK)
     assert restored.step == 2 and restored.weights == "ema"
     assert restored.mesh.devices.size == jax.device_count()  # restored onto all 8 devices
+
+
+def _copy_run_without(workdir, dest, item):
+    """A copy of the fixture run whose step-2 checkpoint lacks `item`."""
+    shutil.copytree(workdir, dest)
+    shutil.rmtree(os.path.join(dest, checkpointing.CHECKPOINT_DIR, "2", item))
+    return str(dest)
+
+
+def test_restore_face_reads_only_the_weights_item(run, restored, tmp_path):
+    """Without the train-state item (optimizer moments, discriminator) the generator still
+    restores, identical: inference reads the weights item alone."""
+    workdir = _copy_run_without(run[0], tmp_path / "run", checkpointing.STATE)
+    again = restore_face(workdir)
+    assert again.weights == "ema"
+    for a, b in zip(jax.tree.leaves(nnx.state(again.model)),
+                    jax.tree.leaves(nnx.state(restored.model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_restore_face_reads_the_ema_of_older_checkpoints(run, restored, tmp_path):
+    """A checkpoint written before the weights item: the EMA comes out of the train state."""
+    workdir = _copy_run_without(run[0], tmp_path / "run", checkpointing.WEIGHTS)
+    again = restore_face(workdir)
+    assert again.weights == "ema"
+    np.testing.assert_array_equal(np.asarray(_first_param(again.model)[...]), EMA_MARK)
+    for a, b in zip(jax.tree.leaves(nnx.state(again.model)),
+                    jax.tree.leaves(nnx.state(restored.model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_cli_prints_summary_and_writes_json_and_figure(cli_result):
@@ -404,3 +436,15 @@ def test_real_trainer_checkpoint_end_to_end(tmp_path):
         result = json.load(f)
     assert result["step"] == 1 and result["weights"] == "ema"
     assert result["self_reenactment"]["num_pairs"] == 2 * 2
+
+
+def test_restoring_for_inference_imports_no_trainer(run):
+    """The inference layer restores a run's generator without the trainers (no VGG19, no
+    losses, no discriminator): checked in a fresh interpreter."""
+    code = ("import sys; from vasa_jax.inference import restore_face; "
+            f"r = restore_face({run[0]!r}); assert r.weights == 'ema'; "
+            "bad = sorted(m for m in sys.modules if m.startswith(('vasa_jax.trainers', "
+            "'vasa_jax.evaluate', 'vasa_jax.losses'))); print(bad); assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -22,7 +22,7 @@ from data_pipeline import transforms as T
 from tests import testdata
 from vasa_jax import checkpointing
 from vasa_jax.audio import log_mel_frames
-from vasa_jax.evaluate import face_latent
+from vasa_jax.inference import restore_face
 from vasa_jax.parallel import sharding
 from vasa_jax.parallel.mesh import create_mesh
 from vasa_jax.trainers.loop import FAST_CPU_COMPILE
@@ -42,7 +42,7 @@ def _make_workdir(workdir, data):
     graphdef, abstract, _ = sharding.abstract_state(lambda: TrainState(config), mesh,
                                                     config.mesh.rules)
     state = nnx.state(nnx.merge(graphdef, testdata.filled_state(abstract)))
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, face_latent.CHECKPOINT_DIR))
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))
     ckpt.save(2, state, config=config, force=True)
     ckpt.close()
 
@@ -78,7 +78,7 @@ def extracted(run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restored(run):
-    return face_latent.restore(run[0])
+    return restore_face(run[0])
 
 
 def _read_split(directory, split):

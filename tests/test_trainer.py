@@ -20,7 +20,8 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from configs import common
-from vasa_jax import optim
+from vasa_jax import checkpointing, optim
+from vasa_jax.parallel.mesh import create_mesh
 from vasa_jax.trainers import logger, loop
 
 wp = nnx.with_partitioning
@@ -191,6 +192,12 @@ def test_toy_stage_learns_logs_images_and_checkpoints(tmp_path):
     assert not np.allclose(live["up"]["kernel"], ema["up"]["kernel"])
     np.testing.assert_allclose(live["up"]["kernel"], ema["up"]["kernel"], atol=0.05)
     assert "teacher" not in str(jax.tree_util.tree_structure(result.state))
+    # Every checkpoint also holds the EMA module alone: what inference restores.
+    mesh = create_mesh(config.mesh.axes)
+    with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+        assert ckpt.has_weights(10) and ckpt.has_weights(20)
+        restored = ckpt.restore_module(lambda: MLP(nnx.Rngs(5)), mesh, RULES, 20)
+    assert_trees_equal(nnx.to_pure_dict(nnx.state(restored)), ema)
 
 
 def test_interrupted_run_resumes_like_an_uninterrupted_one(tmp_path):

@@ -1,11 +1,17 @@
 """Checkpoints: the one module that imports orbax.
 
-A training checkpoint is a step folder with three items:
+A training checkpoint is a step folder with up to four items:
 
     <directory>/<step>/state       the train state (any pytree of jax.Arrays, e.g. nnx.State)
     <directory>/<step>/data_iter   the grain iterator position, one file per process
     <directory>/<step>/config      the run's config as JSON (for provenance; never read back
                                    into a run implicitly)
+    <directory>/<step>/weights     the parameters inference runs (the stage's EMA module), a
+                                   plain nested dict: `restore_weights` reads them without the
+                                   optimizer moments or the discriminator
+
+A run's checkpoints live in `<workdir>/checkpoints` (CHECKPOINT_DIR); `open_run` opens them
+for reading with the checks every reader needs (a run of the expected stage, a finished step).
 
 Saves are asynchronous: `save` returns once the arrays are copied off the device and the
 iterator state is captured; writing happens in the background (`wait()` blocks). Restoring
@@ -34,6 +40,8 @@ from flax import nnx
 STATE = "state"
 DATA_ITER = "data_iter"
 CONFIG = "config"
+WEIGHTS = "weights"
+CHECKPOINT_DIR = "checkpoints"  # under a run's workdir
 
 
 def _path(path: str | os.PathLike) -> epath.Path:
@@ -82,6 +90,7 @@ class Checkpointer:
                 STATE: ocp.StandardCheckpointHandler(),
                 DATA_ITER: grain.checkpoint.CheckpointHandler(),
                 CONFIG: ocp.JsonCheckpointHandler(),
+                WEIGHTS: ocp.StandardCheckpointHandler(),
             },
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep,
@@ -118,14 +127,18 @@ class Checkpointer:
         *,
         data_iter: grain.DatasetIterator | None = None,
         config: Any = None,
+        weights: Any = None,
         force: bool = False,
     ) -> bool:
-        """Starts saving `state` (and the iterator position, the config) as `step`.
+        """Starts saving `state` (and the iterator position, the config, the inference
+        weights: an nnx.State or nested dict of arrays) as `step`.
 
         Returns whether a save was started (False between `save_interval_steps`). Donated or
         updated arrays are safe to reuse as soon as this returns.
         """
         items = {STATE: ocp.args.StandardSave(state)}
+        if weights is not None:
+            items[WEIGHTS] = ocp.args.StandardSave(_pure(weights))
         if data_iter is not None:
             items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
         if config is not None:
@@ -192,6 +205,37 @@ class Checkpointer:
             return create_fn(), 0
         return self.restore(abstract_state, step, data_iter=data_iter), step
 
+    def has_weights(self, step: int | None = None) -> bool:
+        """Whether `step` (default: latest) has the inference `weights` item (checkpoints
+        written before it existed do not)."""
+        return (self.directory / str(self._step(step)) / WEIGHTS).exists()
+
+    def restore_weights(self, target: Any, step: int | None = None) -> Any:
+        """Only the inference weights of `step` (default: latest), placed and cast like
+        `target` (an nnx.State, e.g. the abstract state of the module, or a nested dict of
+        arrays / ShapeDtypeStructs; see `load_params`). Raises FileNotFoundError if the step
+        has no weights item."""
+        step = self._step(step)
+        if not self.has_weights(step):
+            raise FileNotFoundError(
+                f"checkpoint step {step} in {self.directory} has no {WEIGHTS!r} item (written "
+                "before the trainer saved one): restore the whole train state instead")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _pure(target))
+        args = ocp.args.Composite(**{WEIGHTS: ocp.args.StandardRestore(abstract)})
+        restored = self._manager.restore(step, args=args)[WEIGHTS]
+        logging.info("checkpoint: restored the weights of step %d from %s", step, self.directory)
+        return _like(target, restored)
+
+    def restore_module(self, build: Callable[[], nnx.Module], mesh: jax.sharding.Mesh,
+                       rules: Any, step: int | None = None) -> nnx.Module:
+        """The inference module of `step` (default: latest), e.g. the EMA generator: `build`
+        makes the module's structure (abstractly: nothing is initialised), the weights item
+        fills it, placed on `mesh` by the logical-axis `rules`."""
+        from vasa_jax.parallel import sharding  # light; kept local like the orbax handlers
+
+        graphdef, abstract, _ = sharding.abstract_state(build, mesh, rules)
+        return nnx.merge(graphdef, self.restore_weights(abstract, step))
+
     def restore_config(self, step: int | None = None) -> dict:
         """The config dict saved with `step` (default: latest), JSON lists turned back into
         the tuples configs use (ready for `ml_collections.ConfigDict`)."""
@@ -217,6 +261,37 @@ class Checkpointer:
         self.close()
 
 
+def open_run(workdir: str | os.PathLike, stage: str, step: int | None = None
+             ) -> tuple[Checkpointer, int, dict]:
+    """Opens a training run's checkpoints for reading: (checkpointer, step, config dict).
+
+    step: None -> the latest finished one. Raises FileNotFoundError (no such workdir, not a
+    training run, no finished checkpoint, no such step) or ValueError (a run of another
+    stage than `stage`, e.g. "face_latent"). The caller closes the checkpointer (it is a
+    context manager).
+    """
+    workdir = os.fspath(workdir)
+    if "://" not in workdir and not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir!r} does not exist")
+    directory = _path(workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():  # checked first: a Checkpointer would create the folder
+        raise FileNotFoundError(
+            f"{workdir!r} has no {CHECKPOINT_DIR}/ folder: not a training run (train one with "
+            f"`python train.py --config configs/{stage}.py --workdir W ...`)")
+    ckpt = Checkpointer(directory, max_to_keep=None, async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no finished checkpoint in {directory}")
+        step = ckpt._step(None if step is None else int(step))
+        config = ckpt.restore_config(step)
+        if config.get("stage") != stage:
+            raise ValueError(f"{workdir!r} holds a {config.get('stage')!r} run, not {stage!r}")
+    except Exception:
+        ckpt.close()
+        raise
+    return ckpt, step, config
+
+
 # ------------------------------------------------------------------------------ params only
 
 
@@ -231,6 +306,15 @@ def _tuples(x: Any) -> Any:
 
 def _pure(tree: Any) -> Any:
     return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
+
+def _like(target: Any, restored: dict) -> Any:
+    """`restored` (a pure dict) as an nnx.State shaped like `target` if that is one."""
+    if isinstance(target, nnx.State):
+        state = jax.tree.map(lambda x: x, target)  # a copy: replace_by_pure_dict works in place
+        nnx.replace_by_pure_dict(state, restored)
+        return state
+    return restored
 
 
 def export_params(path: str | os.PathLike, params: Any, *, dtype: Any = None) -> None:
@@ -278,8 +362,4 @@ def load_params(path: str | os.PathLike, target: Any = None) -> Any:
             return checkpointer.restore(path, abstract)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _pure(target))
         restored = checkpointer.restore(path, abstract)
-    if isinstance(target, nnx.State):
-        state = jax.tree.map(lambda x: x, target)  # a copy: replace_by_pure_dict works in place
-        nnx.replace_by_pure_dict(state, restored)
-        return state
-    return restored
+    return _like(target, restored)

@@ -243,6 +243,53 @@ def _audio_settings(motion_config: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(audio, fps=float(info.fps))
 
 
+@dataclasses.dataclass
+class RestoredFace:
+    """A stage-1 run's generator and where it came from."""
+
+    config: ml_collections.ConfigDict
+    model: FaceLatentModel  # arrays placed on `mesh`
+    step: int
+    weights: str  # "ema" (the checkpoint's weights item, or a train state's EMA) or "live"
+    mesh: jax.sharding.Mesh
+
+
+def restore_face(workdir: str, step: int | None = None, *,
+                 mesh: jax.sharding.Mesh | None = None) -> RestoredFace:
+    """The EMA generator of a stage-1 run's latest (or `step`) checkpoint, on `mesh`
+    (default: the run's mesh if it fits this machine, else data parallel).
+
+    Reads only the checkpoint's weights item. Checkpoints written before the trainer saved
+    one are read whole (the train state, through the trainer; optimizer moments and the
+    discriminator included). Raises FileNotFoundError / ValueError (see
+    `checkpointing.open_run`).
+    """
+    from vasa_jax import checkpointing  # orbax stays out of plain imports
+    from vasa_jax.parallel.mesh import create_mesh_or_data_parallel
+
+    ckpt, step, config = checkpointing.open_run(workdir, "face_latent", step)
+    with ckpt:
+        config = ml_collections.ConfigDict(config)
+        mesh = create_mesh_or_data_parallel(config.mesh.axes) if mesh is None else mesh
+        rules = config.mesh.rules
+        if ckpt.has_weights(step):
+            model = ckpt.restore_module(
+                lambda: FaceLatentModel(config.model, rngs=nnx.Rngs(0)), mesh, rules, step)
+            weights = "ema"
+        else:
+            from vasa_jax.parallel import sharding
+            from vasa_jax.trainers import face_latent as trainer  # old checkpoints only
+
+            graphdef, abstract, _ = sharding.abstract_state(
+                lambda: trainer.TrainState(config), mesh, rules)
+            train_state = nnx.merge(graphdef, ckpt.restore(abstract, step))
+            model, weights = getattr(train_state, "ema", None), "ema"
+            if model is None:
+                model, weights = train_state.generator, "live"
+    logging.info("restored the %s generator of step %d from %s", weights, step, workdir)
+    return RestoredFace(config, model, step, weights, mesh)
+
+
 class Pipeline:
     """Both stages, ready to turn a portrait and speech into frames (see the module doc).
 
@@ -320,11 +367,8 @@ class Pipeline:
     def from_workdirs(cls, face_workdir: str, motion_workdir: str, *,
                       face_step: int | None = None, motion_step: int | None = None
                       ) -> "Pipeline":
-        """Straight from two training runs (restores their train states: slower than
-        `load` of an export, which reads only the EMA weights)."""
-        from vasa_jax.evaluate.face_latent import restore
-
-        face = restore(face_workdir, face_step)
+        """Straight from two training runs (their checkpoints' EMA weights)."""
+        face = restore_face(face_workdir, face_step)
         motion = MotionGenerator.from_workdir(motion_workdir, motion_step)
         info = {"face": {"workdir": os.path.abspath(face_workdir), "step": face.step},
                 "motion": {"workdir": os.path.abspath(motion_workdir), "step": motion.step}}

@@ -116,35 +116,28 @@ class MotionGenerator:
         folder (config.data.path: its stats.json, or a scan). mesh: where the weights go
         (default: this process's first device).
         """
-        from vasa_jax.trainers import motion_dit as trainer
-        from vasa_jax.trainers.loop import CHECKPOINT_DIR
-
-        directory = os.path.join(workdir, CHECKPOINT_DIR)
-        if not os.path.isdir(directory):  # checked first: the Checkpointer would create it
-            raise FileNotFoundError(
-                f"{workdir!r} has no {CHECKPOINT_DIR}/ folder: not a training run (train one "
-                "with `python train.py --config configs/motion_dit.py --workdir W ...`)")
-        ckpt = checkpointing.Checkpointer(directory, max_to_keep=None, async_save=False)
-        try:
-            if ckpt.latest_step() is None:
-                raise FileNotFoundError(f"no finished checkpoint in {directory}")
-            step = ckpt.latest_step() if step is None else int(step)
-            config = ml_collections.ConfigDict(ckpt.restore_config(step))
-            if config.get("stage") != NAME:
-                raise ValueError(f"{workdir!r} holds a {config.get('stage')!r} run, not {NAME!r}")
+        ckpt, step, config = checkpointing.open_run(workdir, NAME, step)
+        with ckpt:
+            config = ml_collections.ConfigDict(config)
             norm = stats_lib.Normalization.load(workdir)
             if norm is None:
+                from vasa_jax.trainers import motion_dit as trainer  # old runs only
+
                 logging.warning("%s has no %s; using the statistics of data folder %s", workdir,
                                 stats_lib.NORMALIZATION_FILE, config.data.path)
                 norm = trainer.load_normalization(config, None)
             mesh = _single_device_mesh(config) if mesh is None else mesh
-            graphdef, abstract, _ = sharding.abstract_state(
-                lambda: trainer.TrainState(config, norm.motion_dim, norm.audio_dim), mesh,
-                config.mesh.rules)
-            state = ckpt.restore(abstract, step)
-        finally:
-            ckpt.close()
-        model = nnx.merge(graphdef, state).ema
+            if ckpt.has_weights(step):
+                model = ckpt.restore_module(
+                    lambda: MotionDiT(config.model, norm.motion_dim, norm.audio_dim,
+                                      rngs=nnx.Rngs(0)), mesh, config.mesh.rules, step)
+            else:
+                from vasa_jax.trainers import motion_dit as trainer  # old checkpoints only
+
+                graphdef, abstract, _ = sharding.abstract_state(
+                    lambda: trainer.TrainState(config, norm.motion_dim, norm.audio_dim), mesh,
+                    config.mesh.rules)
+                model = nnx.merge(graphdef, ckpt.restore(abstract, step)).ema
         logging.info("restored the EMA motion model of step %d from %s", step, workdir)
         return cls(config, model, norm, step=step)
 

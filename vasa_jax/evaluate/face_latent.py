@@ -75,102 +75,18 @@ from PIL import Image
 
 from data_pipeline import schema
 from data_pipeline import transforms as T
-from vasa_jax import checkpointing, losses
+from vasa_jax import losses
+from vasa_jax.inference import restore_face  # a run's EMA generator (its weights only)
 from vasa_jax.metrics import image as image_metrics
 from vasa_jax.metrics import probes
 from vasa_jax.parallel import sharding
-from vasa_jax.parallel.mesh import create_mesh
-from vasa_jax.trainers.loop import CHECKPOINT_DIR, FAST_CPU_COMPILE
+from vasa_jax.trainers.loop import FAST_CPU_COMPILE
 
 NAME = "face_latent"
 DESCRIPTION = "stage 1: reconstruction PSNR/SSIM, cross-reenactment identity, latent probes"
 ANGLES = schema.POSE_NAMES[:3]  # yaw, pitch, roll (degrees)
 FIGURE_ROWS = ("source", "driving", "pose only", "dynamics only", "full transfer")
 MIN_CLIPS = 2
-
-
-# ----------------------------------------------------------------------------- restoring
-
-
-def _checkpointer(workdir: str) -> checkpointing.Checkpointer:
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir!r} does not exist")
-    directory = os.path.join(workdir, CHECKPOINT_DIR)
-    # Checked before the Checkpointer is made: it would create the folder.
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"{workdir!r} has no {CHECKPOINT_DIR}/ folder: not a training run (train one with "
-            "`python train.py --config configs/face_latent.py --workdir W ...`)")
-    ckpt = checkpointing.Checkpointer(directory, max_to_keep=None, async_save=False)
-    if ckpt.latest_step() is None:
-        ckpt.close()
-        raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    return ckpt
-
-
-def eval_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """The run's mesh if this machine's devices fit it, else all devices on the first axis
-    (data parallel; evaluation needs no model parallelism at the scales here)."""
-    axes = tuple(tuple(a) for a in config.mesh.axes)
-    try:
-        return create_mesh(axes)
-    except ValueError as e:
-        logging.warning("the run's mesh %s does not fit here (%s); evaluating data-parallel",
-                        axes, e)
-        return create_mesh(tuple((name, -1 if i == 0 else 1) for i, (name, _) in enumerate(axes)))
-
-
-@dataclasses.dataclass
-class Restored:
-    """A restored stage-1 generator and where it came from."""
-
-    config: ml_collections.ConfigDict
-    model: Any  # vasa_jax.models.face_latent.FaceLatentModel, arrays placed on `mesh`
-    step: int
-    weights: str  # "ema" or "live"
-    mesh: jax.sharding.Mesh
-
-
-def restore(workdir: str, step: int | None = None, *,
-            mesh: jax.sharding.Mesh | None = None) -> Restored:
-    """Restores the generator of a stage-1 run's checkpoint (latest unless `step`).
-
-    The train state is rebuilt by the trainer itself (vasa_jax.trainers.face_latent
-    .TrainState from the checkpoint's config), restored onto `mesh` (default: `eval_mesh`),
-    and its `ema` generator (the loop's EMA target) is returned, or `generator`, the live
-    weights, if the state has none. The whole state is read (optimizer moments and the
-    discriminator included): the checkpoint format has no generator-only item.
-    """
-    from vasa_jax.trainers import face_latent as trainer  # heavy: VGG19, losses, loaders
-
-    ckpt = _checkpointer(workdir)
-    try:
-        step = ckpt.latest_step() if step is None else int(step)
-        config = ml_collections.ConfigDict(ckpt.restore_config(step))
-        if config.get("stage") != NAME:
-            raise ValueError(f"{workdir!r} holds a {config.get('stage')!r} run, not {NAME!r}")
-        mesh = eval_mesh(config) if mesh is None else mesh
-        rules = config.mesh.rules
-        graphdef, abstract, _ = sharding.abstract_state(
-            lambda: trainer.TrainState(config), mesh, rules)
-        state = ckpt.restore(abstract, step)
-    finally:
-        ckpt.close()
-    train_state = nnx.merge(graphdef, state)
-    model = getattr(train_state, "ema", None)
-    weights = "ema"
-    if model is None:
-        model, weights = train_state.generator, "live"
-    logging.info("restored the %s generator of step %d from %s", weights, step, workdir)
-    return Restored(config, model, step, weights, mesh)
-
-
-def restore_face_model(workdir: str, step: int | None = None
-                       ) -> tuple[ml_collections.ConfigDict, Any]:
-    """(config, FaceLatentModel) of a stage-1 run: the EMA generator of its latest (or
-    `step`) checkpoint. See `restore`."""
-    r = restore(workdir, step)
-    return r.config, r.model
 
 
 # ----------------------------------------------------------------------------- data
@@ -685,7 +601,7 @@ def evaluate(workdir: str, data: str, settings: Settings = Settings(),
         raise FileNotFoundError(f"dataset folder {data!r} does not exist")
     schema.DatasetInfo.load(data)  # a clear error if `data` is not a clip-record dataset
     meter = load_meter(settings.expression_meter)  # before the (slow) restore: fail fast
-    restored = restore(workdir, settings.step)
+    restored = restore_face(workdir, settings.step)
     config = restored.config
     face_id_path = (settings.face_id if settings.face_id is not None
                     else str(config.loss.get("face_id_path", "") or ""))

@@ -82,7 +82,6 @@ REQUIRED_LABELS = ("mouth_open", "pose")  # lip sync and dP need them in every c
 DEFAULT_GAZE_TARGETS = ((15.0, 0.0), (0.0, 10.0))  # (theta up, phi right) degrees
 DEFAULT_DISTANCE_QUANTILES = (0.1, 0.9)
 MAX_LAG = 2  # frames either way for the lagged lip-sync diagnostic
-CHECKPOINT_DIR = "checkpoints"  # vasa_jax.trainers.loop.CHECKPOINT_DIR (not imported: heavy)
 # The stage-1 latents [z_pose, z_dyn] of data_pipeline.extract_latents (STATS_MOTION; not
 # imported: heavy): the motion the end-to-end lip sync can decode.
 LATENTS_SOURCE = "features:motion"
@@ -283,13 +282,8 @@ def _stack_targets(clips: Sequence[EvalClip], names: Sequence[str]) -> dict[str,
 
 
 def load_generator(workdir: str, step: int | None = None) -> Generator:
-    """`MotionGenerator.from_workdir`, after checking the run folder (clear errors)."""
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir!r} does not exist")
-    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
-        raise FileNotFoundError(
-            f"{workdir!r} has no {CHECKPOINT_DIR}/ folder: not a training run (train one with "
-            "`python train.py --config configs/motion_dit.py --workdir W ...`)")
+    """`MotionGenerator.from_workdir` (its EMA weights; clear errors for a folder that is
+    not a stage-2 run)."""
     from vasa_jax.motion_sampler import MotionGenerator
 
     return MotionGenerator.from_workdir(workdir, step=step)
@@ -389,8 +383,9 @@ def end_to_end_lip_sync(run: FaceRun, clips: Sequence[EvalClip], generated: Sequ
     import jax
 
     from vasa_jax.evaluate import face_latent as FL
+    from vasa_jax.inference import restore_face
 
-    restored = FL.restore(run.workdir, run.step)
+    restored = restore_face(run.workdir, run.step)
     options = FL.FAST_CPU_COMPILE if settings.fast_cpu_compile else {}
     runner = FL.BatchRunner(restored.model, restored.mesh, restored.config.mesh.rules,
                             settings.decode_batch_size, compiler_options=options,

@@ -103,3 +103,16 @@ def create_mesh(axes: AxisSpec, devices: Sequence | None = None, *, dcn_axis: st
     mesh = Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
     logging.info("mesh %s over %d %s devices", dict(mesh.shape), len(devices), devices[0].platform)
     return mesh
+
+
+def create_mesh_or_data_parallel(axes: AxisSpec) -> Mesh:
+    """`create_mesh(axes)` if this machine's devices fit it, else every device on the first
+    axis and size 1 on the others (data parallel): for evaluating or sampling a run
+    somewhere else than where it trained."""
+    axes = tuple((str(name), int(size)) for name, size in axes)
+    try:
+        return create_mesh(axes)
+    except ValueError as e:
+        logging.warning("the run's mesh %s does not fit here (%s); using data parallelism",
+                        axes, e)
+        return create_mesh(tuple((name, -1 if i == 0 else 1) for i, (name, _) in enumerate(axes)))

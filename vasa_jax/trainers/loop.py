@@ -31,7 +31,8 @@ What `train` does, in order:
      averaged over those steps, plus perf/step_seconds and perf/data_wait (the share of wall
      time spent waiting for the loader), into metrics.jsonl + TensorBoard + a progress line
      with the ETA (main process); labelled image grids every image_every steps; checkpoints
-     every checkpoint_every steps (asynchronous) and at the end.
+     every checkpoint_every steps (asynchronous) and at the end, each with the EMA module's
+     weights as their own item (`checkpointing`: what inference restores).
   6. Stopping early: SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a
      checkpoint and returns; a second Ctrl-C aborts at once. With several processes, a
      cluster preemption notice (orbax `reached_preemption`) does the same, and a local
@@ -63,7 +64,7 @@ from vasa_jax.parallel import distributed, sharding
 from vasa_jax.parallel.mesh import create_mesh
 from vasa_jax.trainers import logger as logger_lib
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = checkpointing.CHECKPOINT_DIR
 # XLA:CPU options that cut compile time ~3x (LLVM at -O0) at the cost of slower steps: for
 # tests and smoke runs of the real models on CPU, never for training.
 FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -393,7 +394,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
         def save(at_step: int) -> None:
             nonlocal last_saved
-            checkpointer.save(at_step, state, data_iter=data_iter, config=config, force=True)
+            # The EMA module again as its own item: what inference restores (the weights only).
+            weights = state[stage.ema.target] if stage.ema is not None else None
+            checkpointer.save(at_step, state, data_iter=data_iter, config=config,
+                              weights=weights, force=True)
             last_saved = at_step
 
         pending: list[Metrics] = []
