@@ -209,3 +209,36 @@ def test_sample_window_shape_and_determinism(model):
         model, c, k, schedule=schedule, num_sample_steps=4, guidance={}))(cond, jax.random.key(0))
     assert not np.allclose(a, plain, atol=1e-5)
 
+
+
+def test_normalize_inputs_zeroes_padding_and_missing_context():
+    stats = {"motion_mean": np.float32([1.0, 2.0]), "motion_std": np.float32([2.0, 4.0]),
+             "audio_mean": np.float32([3.0]), "audio_std": np.float32([0.5]),
+             "gaze_mean": np.float32([1.0, -1.0]), "gaze_std": np.float32([2.0, 2.0]),
+             "distance_mean": np.float32([1.0]), "distance_std": np.float32([0.1])}
+    b, w, k = 2, 4, 2
+    raw = {"motion": np.full((b, w, 2), 3.0, np.float32),
+           "motion_pre": np.full((b, k, 2), 5.0, np.float32),
+           "audio": np.full((b, w, 1), 4.0, np.float32),
+           "audio_pre": np.full((b, k, 1), 2.0, np.float32),
+           "gaze": np.float32([[3.0, 3.0]] * b), "distance": np.float32([[1.2]] * b),
+           "emotion": np.eye(8, dtype=np.float32)[:b],
+           "valid": np.arange(w)[None].repeat(b, 0) < np.array([[4], [3]]),
+           "has_pre": np.array([True, False])}
+    out = jax.device_get(md.normalize_inputs(raw, stats))
+    np.testing.assert_allclose(out["motion"][0], [[1.0, 0.25]] * w, rtol=1e-6)
+    np.testing.assert_allclose(out["audio"][1, :3, 0], [2.0] * 3, rtol=1e-6)
+    assert np.all(out["audio"][1, 3] == 0) and np.all(out["motion"][1, 3] == 0)  # padding
+    np.testing.assert_allclose(out["motion_pre"][0], [[2.0, 0.75]] * k, rtol=1e-6)
+    np.testing.assert_allclose(out["audio_pre"][0, :, 0], [-2.0] * k, rtol=1e-6)
+    assert np.all(out["motion_pre"][1] == 0) and np.all(out["audio_pre"][1] == 0)  # no context
+    np.testing.assert_allclose(out["gaze"], [[1.0, 2.0]] * b, rtol=1e-6)
+    np.testing.assert_allclose(out["distance"], [[2.0]] * b, rtol=1e-5)
+    np.testing.assert_array_equal(out["emotion"], raw["emotion"])
+    back = md.denormalize_motion(out["motion"][0], stats)
+    np.testing.assert_allclose(back, raw["motion"][0], rtol=1e-6)
+    keep = {c: np.array([True, False]) for c in md.CONDITIONS}
+    cond = md.model_conditions(out, keep)
+    md.check_conditions(cond, b, w, k, 2, 1)
+    with pytest.raises(ValueError, match="keep masks missing"):
+        md.model_conditions(out, {"audio": keep["audio"]})

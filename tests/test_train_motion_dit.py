@@ -255,6 +255,45 @@ def test_generator_from_workdir(run, data_dir):
         stream.next_window(audio[None, :W])
 
 
+def test_sampler_conditions_are_the_trainers(run):
+    """Training and sampling build a window's conditions in one place: the stream's first two
+    windows equal `sample_window` on the conditions the train step builds (no drops, no
+    augmentation) from the same raw audio, controls and previous-window context."""
+    from vasa_jax.models.motion_dit import denormalize_motion, normalize_inputs
+    from vasa_jax.motion_sampler import sample_window
+
+    gen = MotionGenerator.from_workdir(run[0])
+    cfg = configs.load("configs/motion_dit.py:size=tiny", loss__drop_prob=0.0,
+                       loss__pre_drop_prob=0.0, loss__audio_truncate_prob=0.0,
+                       loss__audio_noise_std=0.0).loss
+    rng = np.random.default_rng(3)
+    audio = (rng.normal(size=(2 * W, gen.audio_dim)) * gen.audio_std
+             + gen.audio_mean).astype(np.float32)
+    gaze, distance = np.float32([[4.0, -2.0]]), np.float32([[1.1]])
+    emotion = np.eye(8, dtype=np.float32)[None, 2]
+    stream = gen.stream(1, gaze=gaze, distance=distance, emotion=emotion, seeds=7)
+    stats = gen.normalization.arrays()
+    motion_pre = np.zeros((1, K, gen.motion_dim), np.float32)
+    audio_pre = np.zeros((1, K, gen.audio_dim), np.float32)
+    for i in range(2):
+        window = audio[None, i * W:(i + 1) * W]
+        batch = {"motion": np.zeros((1, W, gen.motion_dim), np.float32),
+                 "motion_pre": motion_pre, "audio": window, "audio_pre": audio_pre,
+                 "has_pre": np.array([i > 0]), "valid": np.ones((1, W), bool), "gaze": gaze,
+                 "distance": distance, "emotion": emotion,
+                 **{f"has_{c}": np.ones(1, bool) for c in ("gaze", "distance", "emotion")}}
+        cond = motion_dit.training_conditions(batch, normalize_inputs(batch, stats),
+                                              jax.random.key(0), cfg)
+        keys = jax.random.fold_in(jax.random.key(7), i)[None]
+        x = sample_window(gen.model, cond, keys, schedule=gen.schedule,
+                          num_sample_steps=gen.num_sample_steps, guidance=gen.guidance,
+                          eta=gen.eta)
+        expected = np.asarray(denormalize_motion(x, stats))
+        got = stream.next_window(window)
+        np.testing.assert_allclose(got, expected, atol=2e-4)
+        motion_pre, audio_pre = got[:, W - K:], window[:, W - K:]
+
+
 @pytest.mark.slow  # a fresh process: imports + compiles (~25 s)
 def test_train_cli_no_context_and_velocity_ablation(data_dir, tmp_path):
     """`python train.py` with the K=0 and velocity-loss ablation flags, then generation."""

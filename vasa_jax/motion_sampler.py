@@ -9,7 +9,9 @@ your jit) and jittable.
 raw motion, window by window as VASA-1 does: window i covers frames [iW, (i+1)W); it is
 conditioned on the previous window's last K generated frames and audio (the first window
 has no context, keep_pre False); the last window's audio is zero-padded (in normalised
-space, as in training) and its output cut to the audio length.
+space, as in training) and its output cut to the audio length. A window's raw inputs are
+normalised and made into the model's conditions inside the compiled sampler by the same
+functions the train step uses (`models.motion_dit.normalize_inputs`, `model_conditions`).
 
     gen = MotionGenerator.from_workdir("runs/motion")
     motion = gen.generate(audio_features, gaze=[0.0, 0.0], seed=0)        # [L, Dm] raw
@@ -34,11 +36,13 @@ from vasa_jax import checkpointing, diffusion
 from vasa_jax.models.motion_dit import (
     CONDITIONS,
     CONTROL_DIMS,
-    KEEP_KEYS,
     Conditions,
     MotionDiT,
     active_scales,
+    denormalize_motion,
     guided_x0,
+    model_conditions,
+    normalize_inputs,
 )
 from vasa_jax.parallel import sharding
 from vasa_jax.parallel.mesh import create_mesh
@@ -102,6 +106,7 @@ class MotionGenerator:
         self.num_sample_steps = int(config.diffusion.sample_steps)
         self.eta = float(config.diffusion.eta)
         self._graphdef, self._state = nnx.split(model)
+        self._stats = jax.device_put(normalization.arrays(), jax.local_devices()[0])
         self._sample = jax.jit(self._sample_fn, static_argnames=("guidance", "steps", "eta"))
 
     # -------------------------------------------------------------------------- restoring
@@ -143,13 +148,17 @@ class MotionGenerator:
 
     # -------------------------------------------------------------------------- sampling
 
-    def _sample_fn(self, state, cond, keys, schedule, *, guidance, steps, eta):
+    def _sample_fn(self, state, raw, keep, keys, schedule, stats, *, guidance, steps, eta):
+        """Raw window inputs -> raw motion [N, W, Dm]: normalised, conditioned and
+        denormalised inside the compiled function, exactly as the train step normalises."""
         model = nnx.merge(self._graphdef, state)
-        return sample_window(model, cond, keys, schedule=schedule, num_sample_steps=steps,
-                             guidance=dict(guidance), eta=eta)
+        cond = model_conditions(normalize_inputs(raw, stats), keep)
+        x = sample_window(model, cond, keys, schedule=schedule, num_sample_steps=steps,
+                          guidance=dict(guidance), eta=eta)
+        return denormalize_motion(x, stats)
 
     def _controls(self, name: str, value, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(normalised values [N, dim], keep [N]) of one control; None = dropped."""
+        """(raw values [N, dim], keep [N]) of one control; None = dropped."""
         dim = CONTROL_DIMS[name]
         if value is None:
             return np.zeros((n, dim), np.float32), np.zeros((n,), bool)
@@ -158,10 +167,6 @@ class MotionGenerator:
             x = np.broadcast_to(x.reshape(1, dim), (n, dim))
         if x.shape != (n, dim):
             raise ValueError(f"{name} must be [{dim}] or [N={n}, {dim}], got {np.shape(value)}")
-        if name in ("gaze", "distance"):
-            mean = getattr(self.normalization, f"{name}_mean")
-            std = getattr(self.normalization, f"{name}_std")
-            x = (x - mean) / std
         return np.ascontiguousarray(x, np.float32), np.ones((n,), bool)
 
     def generate_batch(self, audio: np.ndarray, *, gaze=None, distance=None, emotion=None,
@@ -261,10 +266,11 @@ class MotionStream:
         n = len(seeds)
         self.gen, self.n = gen, n
         self._static = dict(guidance=guidance, steps=steps, eta=eta)
-        self._cond = {"keep_audio": np.asarray(keep_audio, bool)}
-        for name, (values, kept) in controls.items():
-            self._cond[name], self._cond[KEEP_KEYS[name]] = values, kept
+        self._controls = {name: values for name, (values, _) in controls.items()}
+        self._keep = {"audio": np.asarray(keep_audio, bool),
+                      **{name: kept for name, (_, kept) in controls.items()}}
         self._keys = [jax.random.key(s) for s in seeds]
+        # The previous window's last K frames, raw (normalised with the window).
         self._motion_pre = np.zeros((n, gen.context, gen.motion_dim), np.float32)
         self._audio_pre = np.zeros((n, gen.context, gen.audio_dim), np.float32)
         self.index = 0  # windows drawn so far
@@ -282,12 +288,16 @@ class MotionStream:
             raise ValueError("the previous window was shorter than W: the clip has ended")
         self._ended = length < w
         padded = np.zeros((self.n, w, g.audio_dim), np.float32)
-        padded[:, :length] = (audio - g.audio_mean) / g.audio_std
-        cond = dict(self._cond, audio=padded, audio_pre=self._audio_pre,
-                    motion_pre=self._motion_pre, keep_pre=np.full((self.n,), self.index > 0))
+        padded[:, :length] = audio
+        has_pre = np.full((self.n,), self.index > 0)
+        raw = dict(self._controls, audio=padded, audio_pre=self._audio_pre,
+                   motion_pre=self._motion_pre, has_pre=has_pre,
+                   valid=np.broadcast_to(np.arange(w) < length, (self.n, w)))
+        keep = dict(self._keep, pre=has_pre)
         keys = jnp.stack([jax.random.fold_in(key, self.index) for key in self._keys])
-        x = np.asarray(g._sample(g._state, cond, keys, g.schedule, **self._static))
+        x = np.asarray(g._sample(g._state, raw, keep, keys, g.schedule, g._stats,
+                                 **self._static), np.float32)
         if k:
             self._motion_pre, self._audio_pre = x[:, w - k:], padded[:, w - k:]
         self.index += 1
-        return (x[:, :length] * g.motion_std + g.motion_mean).astype(np.float32)
+        return x[:, :length]

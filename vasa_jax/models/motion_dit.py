@@ -84,6 +84,61 @@ def make_conditions(audio: jax.Array, *, audio_pre: jax.Array | None = None,
     return cond
 
 
+def normalize_inputs(raw: Mapping[str, jax.Array], stats: Mapping[str, jax.Array]
+                     ) -> dict[str, jax.Array]:
+    """Raw windows -> the model's normalised inputs: the one definition that training and
+    sampling share (traced in the train step and in the sampler's compiled window).
+
+    raw: audio [B, W, Da], audio_pre [B, K, Da], motion_pre [B, K, Dm] (raw features);
+      optionally motion [B, W, Dm] (the training target); gaze [B, 2] (degrees), distance
+      [B, 1], emotion [B, 8] (probabilities, used as they are); valid bool [B, W] (False:
+      padding past the clip's end); has_pre bool [B] (the window has context).
+    stats: {motion, audio, gaze, distance}_{mean, std} float32 [D]
+      (`data_pipeline.stats.Normalization.arrays()`).
+    Returns the same keys, float32: (x - mean) / std per dimension, with motion and audio
+    zero on padded frames and audio_pre, motion_pre zero without context, so a clip's last
+    and first windows look alike in training and sampling; valid and has_pre as bool.
+    """
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    valid = jnp.asarray(raw["valid"], bool)
+    has_pre = jnp.asarray(raw["has_pre"], bool)
+
+    def norm(x, name):
+        return (f32(x) - stats[f"{name}_mean"]) / stats[f"{name}_std"]
+
+    out = {
+        "audio": jnp.where(valid[..., None], norm(raw["audio"], "audio"), 0.0),
+        "audio_pre": jnp.where(has_pre[:, None, None], norm(raw["audio_pre"], "audio"), 0.0),
+        "motion_pre": jnp.where(has_pre[:, None, None], norm(raw["motion_pre"], "motion"), 0.0),
+        "gaze": norm(raw["gaze"], "gaze"),
+        "distance": norm(raw["distance"], "distance"),
+        "emotion": f32(raw["emotion"]),
+        "valid": valid,
+        "has_pre": has_pre,
+    }
+    if "motion" in raw:
+        out["motion"] = jnp.where(valid[..., None], norm(raw["motion"], "motion"), 0.0)
+    return out
+
+
+def denormalize_motion(x: jax.Array, stats: Mapping[str, jax.Array]) -> jax.Array:
+    """Normalised motion [..., Dm] -> raw motion (the inverse of `normalize_inputs`)."""
+    return x * stats["motion_std"] + stats["motion_mean"]
+
+
+def model_conditions(inputs: Mapping[str, jax.Array], keep: Mapping[str, jax.Array]
+                     ) -> Conditions:
+    """Normalised inputs (`normalize_inputs`, audio possibly augmented) and one keep mask
+    bool [B] per condition in CONDITIONS (False = dropped) -> the model's Conditions."""
+    missing = [c for c in CONDITIONS if c not in keep]
+    if missing:
+        raise ValueError(f"keep masks missing for {missing}")
+    cond = {k: inputs[k] for k in ("audio", "audio_pre", "motion_pre", "gaze", "distance",
+                                   "emotion")}
+    cond.update({KEEP_KEYS[c]: jnp.asarray(keep[c], bool) for c in CONDITIONS})
+    return cond
+
+
 def drop_condition(cond: Conditions, name: str) -> Conditions:
     """`cond` with condition `name` dropped for every example (its keep mask all False)."""
     if name not in KEEP_KEYS:

@@ -6,10 +6,10 @@
 Each example is a window of W motion frames with its audio, the K frames before it, and the
 window's control signals (`data_pipeline.loaders.stage2_dataset`). One jitted step:
 
-  1. Normalise (per dimension, train-split statistics `data_pipeline.stats.Normalization`,
-     kept in <workdir>/normalization.json): motion, audio, gaze, distance. Padded frames
-     past a clip's end (valid False) get zero audio (the sampler pads the last window
-     the same way).
+  1. Normalise (`models.motion_dit.normalize_inputs`, which the sampler runs too; per
+     dimension, train-split statistics `data_pipeline.stats.Normalization`, kept in
+     <workdir>/normalization.json): motion, audio, gaze, distance. Padded frames past a
+     clip's end (valid False) get zero audio, a first window (has_pre False) zero context.
   2. CFG dropping (config.loss): audio, gaze, distance and emotion are each dropped with
      probability drop_prob; X_pre + A_pre together with pre_drop_prob, and always for a
      clip's first window (has_pre False); a control the data lacks (has_gaze False, ...) is
@@ -42,7 +42,14 @@ from flax import nnx
 from data_pipeline import stats as stats_lib
 from data_pipeline.loaders import MOTION_DIM_NAMES, stage2_dataset
 from vasa_jax import diffusion, optim
-from vasa_jax.models.motion_dit import CONDITIONS, KEEP_KEYS, MotionDiT, param_counts
+from vasa_jax.models.motion_dit import (
+    CONDITIONS,
+    KEEP_KEYS,
+    MotionDiT,
+    model_conditions,
+    normalize_inputs,
+    param_counts,
+)
 from vasa_jax.parallel import distributed
 from vasa_jax.trainers import loop
 
@@ -89,34 +96,12 @@ def load_normalization(config: ml_collections.ConfigDict,
     return norm
 
 
-def normalize_batch(batch, frozen) -> dict[str, jax.Array]:
-    """Raw loader batch -> normalised model inputs (see the module docstring, step 1).
-
-    Returns motion [B, W, Dm], motion_pre [B, K, Dm], audio [B, W, Da], audio_pre
-    [B, K, Da], gaze [B, 2], distance [B, 1], emotion [B, 8], valid [B, W] (float32 but
-    valid: bool).
-    """
-    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    valid = jnp.asarray(batch["valid"], bool)
-    has_pre = jnp.asarray(batch["has_pre"], bool)[:, None, None]
-
-    def norm(x, name):
-        return (f32(x) - frozen[f"{name}_mean"]) / frozen[f"{name}_std"]
-
-    return {
-        "motion": jnp.where(valid[..., None], norm(batch["motion"], "motion"), 0.0),
-        "motion_pre": jnp.where(has_pre, norm(batch["motion_pre"], "motion"), 0.0),
-        "audio": jnp.where(valid[..., None], norm(batch["audio"], "audio"), 0.0),
-        "audio_pre": jnp.where(has_pre, norm(batch["audio_pre"], "audio"), 0.0),
-        "gaze": norm(batch["gaze"], "gaze"),
-        "distance": norm(batch["distance"], "distance"),
-        "emotion": f32(batch["emotion"]),
-        "valid": valid,
-    }
-
-
 def training_conditions(batch, inputs, rng, loss_cfg) -> dict[str, jax.Array]:
-    """Model conditions with CFG dropping and audio truncation (module docstring, step 2)."""
+    """Model conditions with CFG dropping and audio truncation (module docstring, step 2).
+
+    batch: the loader's has_gaze, has_distance, has_emotion, has_pre (bool [B]); inputs:
+    `normalize_inputs` of the batch. Returns `model_conditions` (what the sampler builds
+    the same way, with its own keep masks)."""
     b, w = inputs["audio"].shape[:2]
     k_drop, k_trunc, k_cut = jax.random.split(rng, 3)
     u = jax.random.uniform(k_drop, (b, len(CONDITIONS)))
@@ -140,11 +125,7 @@ def training_conditions(batch, inputs, rng, loss_cfg) -> dict[str, jax.Array]:
         cut = jax.random.randint(k_cut, (b,), 1, w)
         kept_frames = (jnp.arange(w)[None] < cut[:, None]) | ~truncate[:, None]
         audio = jnp.where(kept_frames[..., None], audio, 0.0)
-    cond = {"audio": audio, "audio_pre": audio_pre,
-            "motion_pre": inputs["motion_pre"], "gaze": inputs["gaze"],
-            "distance": inputs["distance"], "emotion": inputs["emotion"]}
-    cond.update({KEEP_KEYS[c]: keep[c] for c in CONDITIONS})
-    return cond
+    return model_conditions({**inputs, "audio": audio, "audio_pre": audio_pre}, keep)
 
 
 def _masked_mean(sq: jax.Array, mask: jax.Array) -> jax.Array:
@@ -192,7 +173,7 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str | None = None) ->
 
     def train_step(ts: TrainState, batch, rng, frozen):
         k_cond, k_t, k_noise, k_drop = jax.random.split(rng, 4)
-        inputs = normalize_batch(batch, frozen)
+        inputs = normalize_inputs(batch, frozen)  # the sampler normalises with the same
         cond = training_conditions(batch, inputs, k_cond, lc)
         x0, valid = inputs["motion"], inputs["valid"]
         b = x0.shape[0]
