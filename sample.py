@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--face_workdir", default="", help="a stage-1 training run")
     p.add_argument("--motion_workdir", default="", help="a stage-2 training run")
     p.add_argument("--mode", choices=("offline", "stream"), default="offline")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="the face model's compute dtype (exports only; default: as trained)")
     g = p.add_argument_group("controls")
     g.add_argument("--gaze", type=_pair, default=None, help="THETA,PHI degrees")
     g.add_argument("--distance", type=float, default=None, help="head distance")
@@ -148,11 +150,14 @@ def main(argv=None) -> int:
         if args.face_workdir or args.motion_workdir:
             if not (args.face_workdir and args.motion_workdir):
                 raise ValueError("--face_workdir and --motion_workdir go together")
+            if args.dtype:
+                raise ValueError("--dtype applies to a model export (--model); export the "
+                                 "runs with `python -m vasa_jax.inference export`")
             pipe = inference.Pipeline.from_workdirs(args.face_workdir, args.motion_workdir)
             meter = args.expression_meter
         else:
             model = args.model or DEMO_MODEL
-            pipe = inference.Pipeline.load(model)
+            pipe = inference.Pipeline.load(model, dtype=args.dtype)
             meter = args.expression_meter
             if meter is None and not args.model and os.path.isdir(DEMO_METER):
                 meter = DEMO_METER

@@ -204,4 +204,7 @@ def test_sample_cli_bad_input(exported, tmp_path, capsys):
     assert "silent" in capsys.readouterr().err
     assert run("--model", str(tmp_path), "--out", out) == 2
     assert "not a model export" in capsys.readouterr().err
+    assert sample.main(["--face_workdir", str(tmp_path), "--motion_workdir", str(tmp_path),
+                        "--dtype", "bfloat16", "--out", out, "--no_progress"]) == 2
+    assert "--dtype applies to a model export" in capsys.readouterr().err
     assert not os.path.exists(out)

@@ -332,8 +332,13 @@ class Pipeline:
     # -------------------------------------------------------------------------- loading
 
     @classmethod
-    def load(cls, path: str) -> "Pipeline":
-        """An export folder (see the module doc)."""
+    def load(cls, path: str, *, dtype: str | None = None) -> "Pipeline":
+        """An export folder (see the module doc).
+
+        dtype: the face model's compute dtype ("float32" | "bfloat16"; default: as it was
+        trained). Its weights, normalisations and warps stay float32; the motion model
+        always samples in float32 (it is small, and its 50-step loop accumulates rounding).
+        """
         from vasa_jax.checkpointing import load_params  # orbax stays out of plain imports
 
         meta_path = os.path.join(path, PIPELINE_FILE)
@@ -345,6 +350,10 @@ class Pipeline:
         with open(meta_path) as f:
             info = json.load(f)
         face_config = ml_collections.ConfigDict(info["face"]["config"])
+        if dtype is not None:
+            if dtype not in ("float32", "bfloat16"):
+                raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+            face_config.model.dtype = dtype
         motion_config = ml_collections.ConfigDict(info["motion"]["config"])
         norm = stats_lib.Normalization.load(path)
         if norm is None:
