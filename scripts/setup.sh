@@ -3,6 +3,7 @@
 #   bash scripts/setup.sh [requirements-file]     (default requirements.txt)
 # - Debian packages ffmpeg (video muxing/encoding) and espeak-ng (SynthTalk speech), when missing
 # - a virtual environment in .venv with the pinned requirements (re-installed when they change)
+#   plus the weight-only wheels of requirements-nodeps.txt, installed with --no-deps
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -33,5 +34,9 @@ stamp=".venv/.installed-$(cat requirements*.txt | sha256sum | cut -c1-16)-$(base
 if [ ! -f "$stamp" ]; then
   echo "setup: pip install -r $REQ"
   .venv/bin/pip install -q --disable-pip-version-check -r "$REQ"
+  if [ -f requirements-nodeps.txt ]; then
+    echo "setup: pip install --no-deps -r requirements-nodeps.txt"
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+  fi
   touch "$stamp"
 fi
