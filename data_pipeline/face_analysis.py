@@ -33,7 +33,7 @@ The pieces:
   `emotion_probs`.
 - Pure numpy functions of `FaceLandmarks`: `crop_box` (the face-crop convention of
   data_pipeline/schema.py), `eye_line_angle`, `solve_pose` / `head_pose` (cv2.solvePnP of
-  10 rigid mesh points against `CANONICAL_FACE`), `head_distance`, `gaze`, `mouth_open`,
+  10 rigid mesh points, eyes and nose, against `CANONICAL_FACE`), `head_distance`, `gaze`, `mouth_open`,
   `eye_open`, `region_boxes`.
 - `align_portrait`: a user's photo of any size -> the aligned, level face crop that the
   models were trained on (sample.py --image).
@@ -208,9 +208,10 @@ _EYE_CONTOUR_MESH = (
 # render.py (same axes as the camera frame at zero pose: +x image right, i.e. towards the
 # subject's left, +y up, +z away from the camera; the face looks towards -z). Origin at the
 # nose tip. Written from average anthropometry (eye corners 92 / 32 mm apart, outer corners
-# ~2.5 mm higher and ~12 mm deeper than the inner ones; mouth 50 mm wide, 33 mm below the
-# nose tip; eyes ~38 mm above it), not fitted to any photo. Only rigid points: the chin and
-# the brows move with speech and expression, so they are left out of the fit.
+# ~2.5 mm higher and ~12 mm deeper than the inner ones, eyes ~38 mm above the nose tip,
+# nostril wings 40 mm apart), not fitted to any photo. Only rigid points: the mouth corners
+# (a smile lifts them ~7 mm: on astronaut.png they tilted the fit 15 degrees chin-down),
+# the chin (jaw) and the brows move with speech and expression, so they are left out.
 CANONICAL_FACE: dict[int, tuple[float, float, float]] = {
     1: (0.0, 0.0, 0.0),  # nose tip (pronasale)
     2: (0.0, -13.0, 15.0),  # subnasale
@@ -220,8 +221,8 @@ CANONICAL_FACE: dict[int, tuple[float, float, float]] = {
     133: (-16.0, 37.0, 30.0),  # right eye inner corner
     362: (16.0, 37.0, 30.0),  # left eye inner corner
     263: (46.0, 39.5, 42.0),  # left eye outer corner
-    61: (-25.0, -33.0, 30.0),  # right mouth corner
-    291: (25.0, -33.0, 30.0),  # left mouth corner
+    98: (-20.0, -6.0, 16.0),  # right nostril wing
+    327: (20.0, -6.0, 16.0),  # left nostril wing
 }
 # Brow top and chin bottom of the canonical face (y, mm): its brow-to-chin height is what
 # `head_distance` compares with FACE_CROP_HEIGHT.
@@ -239,10 +240,14 @@ HEAD_RADIUS_MM = 92.0
 DEFAULT_FOCAL = float(render.NOMINAL_DISTANCE / (2.0 * render.FRAMINGS["face"].half_extent))
 
 # Eye model for `gaze`, in units of the eye width (corner to corner, ~30 mm): the eyeball
-# centre sits EYEBALL_DEPTH behind the corners' midpoint (+z), the visible iris centre
-# IRIS_RADIUS in front of the eyeball centre along the gaze (eyeball radius ~12 mm, iris
-# plane ~10 mm from its centre, corneal apex ~4 mm in front of the corners' midpoint).
+# centre sits EYEBALL_DEPTH behind the corners' midpoint (+z) and EYEBALL_HEIGHT above it,
+# the visible iris centre IRIS_RADIUS in front of the eyeball centre along the gaze
+# (eyeball radius ~12 mm, iris plane ~10 mm from its centre, corneal apex ~4 mm in front of
+# the corners' midpoint: the iris model's own depth output puts the iris centre ~1 mm in
+# front of it on astronaut.png, as here; the pupil sits ~1-2 mm above the line between
+# the corners, whose outer end is ~2.5 mm higher).
 EYEBALL_DEPTH = 8.5 / 30.0
+EYEBALL_HEIGHT = 1.5 / 30.0
 IRIS_RADIUS = 10.0 / 30.0
 
 # fer's classes (fer.FER._get_labels order) -> schema.EMOTIONS.
@@ -786,7 +791,8 @@ def solve_pose(
     image_size: tuple[int, int] | None = None,
     focal: float | None = None,
 ) -> PoseEstimate:
-    """Head pose by cv2.solvePnP of 10 rigid mesh points against `CANONICAL_FACE`.
+    """Head pose by cv2.solvePnP of 10 rigid mesh points (eye corners, nose) against
+    `CANONICAL_FACE`.
 
     landmarks: FaceLandmarks or a [468, 2|3] mesh (pixels). image_size: (height, width)
     (default: the landmarks'). focal: pixels (default DEFAULT_FOCAL x the longer side;
@@ -854,11 +860,13 @@ def gaze(
     phi + towards image right, (0, 0) looking along the optical axis (render.gaze_angles).
 
     Per eye, the iris centre's offset from the corners' midpoint, in eye widths, is taken as
-    the projection of a rotating eyeball (EYEBALL_DEPTH, IRIS_RADIUS) carried by the head
-    rotation `pose` ((yaw, pitch, roll) degrees, or a [3, 3] rotation): solving for the
-    gaze vector in the camera frame removes the head's parallax, so a head turn with the
-    eyes fixed in it reads as gaze = (pitch, yaw). Weak perspective; the two eyes' vectors
-    are averaged. Needs the iris (`FaceLandmarks.has_iris`).
+    the projection of a rotating eyeball (EYEBALL_DEPTH, EYEBALL_HEIGHT, IRIS_RADIUS) carried
+    by the head rotation `pose` ((yaw, pitch, roll) degrees, or a [3, 3] rotation): solving
+    for the gaze vector in the camera frame removes the head's parallax, so a head turn with
+    the eyes fixed in it reads as gaze = (pitch, yaw). Weak perspective; the two eyes'
+    vectors are averaged. Needs the iris (`FaceLandmarks.has_iris`). The eye model is
+    anatomical, not calibrated per person: expect offsets of several degrees per identity
+    (use per-clip / main-gaze differences, as VASA's gaze condition does).
     """
     if not landmarks.has_iris:
         raise ValueError("gaze needs iris landmarks")
@@ -874,7 +882,7 @@ def gaze(
     for eye in range(2):
         mid = corners[eye].mean(0)
         o = (iris[eye] - mid) * flip / width
-        v = (o - EYEBALL_DEPTH * rot[:2, 2]) / IRIS_RADIUS
+        v = (o - rot[:2] @ (0.0, EYEBALL_HEIGHT, EYEBALL_DEPTH)) / IRIS_RADIUS
         n = float(np.linalg.norm(v))
         if n > 0.99:
             v = v * 0.99 / n
@@ -891,17 +899,18 @@ def _dist3(mesh: np.ndarray, a: int, b: int) -> float:
 def mouth_open(landmarks: FaceLandmarks | np.ndarray) -> float:
     """Mouth opening: the inner-lip gap (mesh 13-14) over the outer eye corners' distance
     (33-263, ~90 mm: rigid, unlike the mouth width), 3-D mesh distances so head turns
-    change it little. ~0-0.02 closed, ~0.1-0.3 speaking, ~0.5 and more wide open. The
-    real-video counterpart of SynthTalk's ``mouth_open`` (0 closed .. 1 wide); rescale per
-    dataset if a 0..1 label is needed."""
+    change it little. ~0-0.03 closed, ~0.1-0.3 speaking (astronaut.png's toothy smile:
+    0.12), ~0.5 and more wide open (a 40 mm gap). The real-video counterpart of SynthTalk's
+    ``mouth_open`` (0 closed .. 1 wide); rescale per dataset if a 0..1 label is needed."""
     mesh = _mesh_xyz(landmarks)
     return _dist3(mesh, *INNER_LIPS) / max(_dist3(mesh, RIGHT_EYE[0], LEFT_EYE[0]), 1e-9)
 
 
 def eye_open(landmarks: FaceLandmarks | np.ndarray) -> float:
     """Eye opening, averaged over both eyes: the lid gap (upper to lower lid middle) over
-    the corner-to-corner width, 3-D (the eye aspect ratio). ~0.25-0.35 open, below ~0.1
-    closed. Uses the iris model's finer eyelid contour when present. The real-video
+    the corner-to-corner width, 3-D (the eye aspect ratio), from the iris model's finer
+    eyelid contour when present. ~0.3-0.45 open (astronaut.png: 0.40), falling towards 0
+    as the lids close (on SynthTalk's drawn lids the mesh only reaches ~0.25). The real-video
     counterpart of SynthTalk's ``blink`` label (0 open .. 1 closed), which is about
     1 - eye_open / (the clip's open-eye level, e.g. its 90th percentile), clipped to
     [0, 1]."""

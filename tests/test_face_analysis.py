@@ -154,6 +154,20 @@ def test_distance_and_crop_follow_the_scale(analyzer, photo, face):
     assert 0.8 < fa.head_distance(lmc) < 1.25
 
 
+def test_the_astronaut_faces_the_camera(analyzer, photo):
+    # a studio portrait looking into the lens: in her aligned crop (the face on the optical
+    # axis) the pose and the gaze are near zero
+    crop = fa.align_portrait(photo, 256, analyzer)
+    _, lm = analyse(analyzer, crop)
+    est = fa.solve_pose(lm)
+    assert abs(est.angles.yaw) < 8 and abs(est.angles.pitch) < 8 and abs(est.angles.roll) < 3
+    assert est.error < 0.02 * 256  # the canonical face fits her mesh
+    theta, phi = fa.gaze(lm, est.angles)
+    assert abs(theta) < 10 and abs(phi) < 10
+    assert 0.3 < fa.eye_open(lm) < 0.6  # eyes open
+    assert 0.05 < fa.mouth_open(lm) < 0.3  # a toothy smile: lips apart
+
+
 # ----------------------------------------------------------------------------- portraits
 
 
@@ -354,7 +368,7 @@ def _eye_landmarks(rot, gaze_deg, size=256):
         corners[eye, 0] = to_image(mid + outward)  # outer corner
         corners[eye, 8] = to_image(mid - outward)  # inner corner
         irises[eye, 0] = to_image(
-            mid + np.array([0, 0, fa.EYEBALL_DEPTH]) + fa.IRIS_RADIUS * g_local)
+            mid + np.array([0, fa.EYEBALL_HEIGHT, fa.EYEBALL_DEPTH]) + fa.IRIS_RADIUS * g_local)
     return fa.FaceLandmarks(np.zeros((468, 3), np.float32), corners, irises, 1.0, (size, size))
 
 
