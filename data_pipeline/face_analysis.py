@@ -33,8 +33,9 @@ The pieces:
   `emotion_probs`.
 - Pure numpy functions of `FaceLandmarks`: `crop_box` (the face-crop convention of
   data_pipeline/schema.py), `eye_line_angle`, `solve_pose` / `head_pose` (cv2.solvePnP of
-  10 rigid mesh points, eyes and nose, against `CANONICAL_FACE`), `head_distance`, `gaze`, `mouth_open`,
-  `eye_open`, `region_boxes`.
+  10 rigid mesh points, eyes and nose, against `CANONICAL_FACE`), `head_distance`, `gaze`,
+  `mouth_open`, `eye_open`, `region_boxes`, `emotion_box`; `haar_crop_box` for the
+  fallback.
 - `align_portrait`: a user's photo of any size -> the aligned, level face crop that the
   models were trained on (sample.py --image).
 
@@ -436,7 +437,9 @@ class FaceAnalyzer:
       one finds nothing ("auto"), always (True: results merged by NMS) or never (False).
     num_threads: threads per interpreter.
 
-    Not thread-safe: one analyzer per thread / worker process.
+    Not thread-safe and not picklable: make one per thread / worker process, inside it
+    (`default_analyzer()` does so lazily). The full-range detector and the emotion model
+    load on first use.
     """
 
     def __init__(
