@@ -18,8 +18,13 @@ This layer imports no trainer. A model is an *export*, a folder written by
 
 portrait: uint8 [H, W, 3] RGB, framed like the training crops (data_pipeline.schema's face
 crop convention); a non-square image is centre-cropped and any size is resized to the
-model's, with a warning. audio: mono float32 samples at SAMPLE_RATE (vasa_jax.audio
-.load_audio reads, down-mixes, resamples and checks files).
+model's, with a warning. For a photo, cut the face out first, as sample.py does:
+
+    portrait = read_portrait("photo.jpg", pipe.image_size)   # face found, levelled, cropped
+
+(`crop_portrait` for an image in memory; align="auto" | "face" | "none", see there).
+audio: mono float32 samples at SAMPLE_RATE (vasa_jax.audio.load_audio reads, down-mixes,
+resamples and checks files).
 
 What happens: the portrait is encoded once (V_app, z_id and its own z_pose, z_dyn); motion
 is drawn window by window (motion_sampler.MotionStream: each window conditioned on the
@@ -73,12 +78,21 @@ def signed_to_uint8(images: jax.Array) -> jax.Array:
     return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 
-def prepare_portrait(image: np.ndarray, size: int) -> np.ndarray:
-    """RGB uint8 [H, W, 3] (or [H, W], or RGBA) -> uint8 [size, size, 3].
+# How a portrait is cut to the model's square (`crop_portrait`, sample.py --align).
+ALIGN_MODES = ("auto", "face", "none")
+# auto: an image at the model's size (square, within 25%) whose face is already framed like
+# the training crops is used as it is. "Framed": the face-crop convention's square
+# (data_pipeline.face_analysis.crop_box) lies within these bounds of the image's own
+# square. Measured on 64 px SynthTalk renders at the data's head poses (|yaw| <= 25,
+# |pitch| <= 15, |roll| <= 10 degrees): centre offsets up to 0.23 of the side, side ratios
+# 0.85-1.05, eye lines up to 12 degrees; the built-in portrait: 0.09, 0.86, 0.3 degrees;
+# astronaut.png aligned by align="face", at 64-256 px: 0.01, 1.01-1.02, 0.2 degrees.
+FRAMED_MAX_OFFSET = 0.25  # |crop centre - image centre| / image side
+FRAMED_SIDE = (0.75, 1.33)  # crop side / image side
+FRAMED_MAX_ANGLE = 15.0  # |eye line|, degrees
 
-    A non-square image is centre-cropped to a square and resized, with a warning: the
-    model expects face crops framed as its training data (schema.FACE_CROP_HEIGHT).
-    """
+
+def _check_image(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
@@ -86,20 +100,107 @@ def prepare_portrait(image: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"portrait must be an RGB image [H, W, 3], got shape {image.shape}")
     if image.dtype != np.uint8:
         raise ValueError(f"portrait must be uint8, got {image.dtype}")
-    image = image[..., :3]
+    return np.ascontiguousarray(image[..., :3])
+
+
+def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     if h != w:
         warnings.warn(f"portrait is {w}x{h}, not square: centre-cropped to a square; the "
-                      "model expects a face crop framed like its training data", stacklevel=2)
+                      "model expects a face crop framed like its training data (align='auto' "
+                      "finds and crops the face)", stacklevel=3)
     if abs(min(h, w) - size) > size // 4:
         warnings.warn(f"portrait resized from {min(h, w)} to the model's {size} px",
-                      stacklevel=2)
-    image = transforms.resize_square(image, size)
-    return np.ascontiguousarray(image, np.uint8)
+                      stacklevel=3)
+    return np.ascontiguousarray(transforms.resize_square(image, size), np.uint8)
 
 
-def read_portrait(path: str) -> np.ndarray:
-    """An image file -> RGB uint8 [H, W, 3] (ValueError naming the file otherwise)."""
+def _framing(image: np.ndarray, analyzer) -> tuple[float, float, float] | None:
+    """How far the largest face's crop (face-crop convention) is from the image's own
+    square: (centre offset / side, crop side / side, |eye line| degrees); None: no face."""
+    from data_pipeline import face_analysis as fa
+
+    try:
+        det = fa.largest_face(image, analyzer)
+    except fa.NoFaceError:
+        return None
+    n = image.shape[0]
+    if analyzer.backend == "tflite":
+        lm = analyzer.landmarks(image, det)
+        (cx, cy, side), angle = fa.crop_box(lm), fa.eye_line_angle(lm)
+    else:
+        (cx, cy, side), angle = fa.haar_crop_box(det.box), 0.0
+    return float(np.hypot(cx - n / 2, cy - n / 2) / n), side / n, abs(angle)
+
+
+def crop_portrait(image: np.ndarray, size: int, align: str = "auto",
+                  name: str = "the portrait") -> tuple[np.ndarray, str]:
+    """A portrait image -> (uint8 [size, size, 3] for the model, a one-line note of what
+    was done). The one place where portraits are cut (sample.py --align, `read_portrait`).
+
+    image: RGB uint8 [H, W, 3] ([H, W] gray and RGBA accepted), any size.
+    align:
+      "face": find the largest face (several: a logged warning), level its eye line and cut
+        the square of the face-crop convention (data_pipeline.schema), resized to `size`
+        (data_pipeline.face_analysis.align_portrait). No face: NoFaceError (a ValueError)
+        "no face found in NAME ...".
+      "none": the image as it is: a non-square one centre-cropped to a square, any size
+        resized, with warnings (as `prepare_portrait` has always done).
+      "auto": "face", except for an image already at the model's size (square, within 25%
+        of `size`): if its face is already framed like the training crops (`FRAMED_*`), or
+        no face is found in it (a warning), it is used as it is, as "none" would. So a face
+        crop at the model's size (the built-in SynthTalk portrait) comes out unchanged, and
+        `crop_portrait` of its own output changes nothing; a photo of another size without
+        a face is an error, never cropped blindly.
+    name: the image's name in messages (sample.py: the file).
+    """
+    if align not in ALIGN_MODES:
+        raise ValueError(f"align must be one of {ALIGN_MODES}, got {align!r}")
+    image = _check_image(image)
+    h, w = image.shape[:2]
+    if align == "none":
+        return _centre_crop(image, size), f"{w}x{h} used as it is (align none)"
+    from data_pipeline import face_analysis as fa
+
+    analyzer = fa.default_analyzer()
+    if align == "auto" and h == w and abs(h - size) <= size // 4:
+        framing = _framing(image, analyzer)
+        if framing is None:
+            warnings.warn(f"no face found in {name} ({w}x{h}); it is at the model's size, so "
+                          "it is used as it is, as a face crop (align 'face' makes this an "
+                          "error)", stacklevel=2)
+            return _centre_crop(image, size), f"{w}x{h}, no face found: used as it is"
+        offset, side, angle = framing
+        lo, hi = FRAMED_SIDE
+        if offset <= FRAMED_MAX_OFFSET and lo <= side <= hi and angle <= FRAMED_MAX_ANGLE:
+            return _centre_crop(image, size), (
+                f"{w}x{h}, already a face crop (face-crop convention: centre "
+                f"{offset:.0%} off, side x{side:.2f}, eye line {angle:.1f} deg): used as it is")
+    try:
+        crop = fa.align_portrait(image, size, analyzer)
+    except fa.NoFaceError:
+        raise fa.NoFaceError(f"no face found in {name} ({w}x{h}): use a photo with one "
+                             "clearly visible face") from None
+    return crop, f"{w}x{h}, face found and aligned ({analyzer.backend}), {size} px crop"
+
+
+def prepare_portrait(image: np.ndarray, size: int, align: str = "none",
+                     name: str = "the portrait") -> np.ndarray:
+    """RGB uint8 [H, W, 3] (or [H, W], or RGBA) -> uint8 [size, size, 3], cut as `align`
+    says (`crop_portrait`). By default ("none") the image is taken as a face crop framed as
+    the training data (schema.FACE_CROP_HEIGHT): a non-square image is centre-cropped to a
+    square and resized, with a warning; an image already at `size` is used unchanged.
+    """
+    return crop_portrait(image, size, align, name)[0]
+
+
+def read_portrait(path: str, size: int | None = None, align: str = "auto") -> np.ndarray:
+    """An image file -> RGB uint8 [H, W, 3] (ValueError naming the file otherwise).
+
+    size: the model's (Pipeline.image_size): then the portrait ready for the model, uint8
+    [size, size, 3], cut as `align` says (`crop_portrait`; by default the face is found,
+    levelled and cropped, NoFaceError if there is none). None: the file's pixels as they are.
+    """
     import cv2
 
     if not os.path.isfile(path):
@@ -107,7 +208,10 @@ def read_portrait(path: str) -> np.ndarray:
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"{path}: not an image OpenCV can read")
-    return np.ascontiguousarray(image[..., ::-1])
+    image = np.ascontiguousarray(image[..., ::-1])
+    if size is None:
+        return image
+    return prepare_portrait(image, size, align, name=path)
 
 
 def emotion_vector(emotion: str | Sequence[float] | None) -> np.ndarray | None:
