@@ -7,6 +7,12 @@
 With no model flags it uses the built-in demo model (assets/demo_model: both stages trained
 by `bash scripts/recipe_cpu.sh`, on synthetic SynthTalk faces at 64 px), and with no
 --image / --audio the built-in portrait (an identity the demo model never saw) and speech.
+--image takes a photo of any size: --align auto (the default) finds the largest face
+(several: a warning), levels the eyes and crops it the way the training faces are framed,
+except that an image already at the model's size whose face is framed so (a face crop, like
+the built-in portrait) is used as it is; --align face always crops the face; --align none
+takes the image as a face crop (centre-cropped to a square). With auto or face, an image
+without a face is an error (exit 2), except under auto at the model's size (a warning).
 Writes H.264 video with the AAC audio muxed in (ffmpeg), one frame per 40 ms of audio.
 --mode stream feeds the audio in 40 ms chunks as if it arrived live and reports the
 first-frame latency and the sustained frame rate. --expression_meter M reads the mouth
@@ -51,7 +57,14 @@ def _guidance(text: str) -> dict[str, float]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image", default=DEMO_IMAGE, help="portrait (a face crop; any size)")
+    p.add_argument("--image", default=DEMO_IMAGE, help="portrait: a photo with a face (any "
+                   "size) or a face crop")
+    p.add_argument("--align", choices=("auto", "face", "none"), default="auto",
+                   help="face: find the largest face, level the eyes, crop it as the "
+                   "training faces are framed (no face: error); none: use the image as a "
+                   "face crop (centre-cropped to a square); auto (default): face, but an "
+                   "image at the model's size that is already a face crop, or has no face "
+                   "found (a warning), is used as it is")
     p.add_argument("--audio", default=DEMO_AUDIO, help="speech (wav/flac/mp3/m4a/...)")
     p.add_argument("--out", default="out.mp4", help="the mp4 to write")
     p.add_argument("--model", default="", help="a model export (python -m vasa_jax.inference "
@@ -161,6 +174,16 @@ def main(argv=None) -> int:
             meter = args.expression_meter
             if meter is None and not args.model and os.path.isdir(DEMO_METER):
                 meter = DEMO_METER
+        try:  # the face found, levelled and cropped as the training faces are (--align)
+            image, note = inference.crop_portrait(image, pipe.image_size, args.align,
+                                                  name=args.image)
+        except ValueError as e:
+            from data_pipeline.face_analysis import NoFaceError
+
+            if isinstance(e, NoFaceError):
+                raise NoFaceError(f"{e} (--align none uses the image as it is)") from None
+            raise
+        print(f"portrait (--align {args.align}): {note}", file=sys.stderr)
         driving = None
         if args.pose_video:
             driving = pipe.encode_pose(video.read_video(args.pose_video)[0])
