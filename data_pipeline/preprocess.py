@@ -745,7 +745,7 @@ def _analyzer() -> fa.FaceAnalyzer:
 
 
 # Keep decoded frames for the second pass (instead of decoding twice) up to this many bytes.
-FRAME_CACHE_BYTES = 768 * 2 ** 20
+FRAME_CACHE_BYTES = 512 * 2 ** 20
 
 
 def _frames_at(reader_factory: Callable[[], FrameReader], cache: list | None,
@@ -803,12 +803,10 @@ def process_input(task: Task, settings: Settings) -> InputResult:
             records = _encode_clips(task, settings, info, obs, clips,
                                     lambda: FrameReader(task.path, info), cache, entry)
     except InputError as e:
-        entry["reason"], entry["detail"] = e.reason, e.detail
+        entry.update(status="failed", reason=e.reason, detail=e.detail)
     except Exception as e:  # a bug or an odd file: recorded, the run goes on
         logging.error("%s: %s", task.name, traceback.format_exc())
-        entry["reason"], entry["detail"] = "error", f"{type(e).__name__}: {e}"
-        records = []
-        entry.update(clips=0, clip_frames=0, clip_ids=[])
+        entry.update(status="failed", reason="error", detail=f"{type(e).__name__}: {e}")
     if entry["status"] == "failed":
         entry.update(clips=0, clip_frames=0, clip_ids=[])
         records = []
@@ -1094,16 +1092,24 @@ def _progress_bar(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True, disable=not enabled)
 
 
+RUNNERS = ("local", "beam")
+
+
 def preprocess(input_path: str, out: str, settings: Settings = Settings(), *, workers: int = 1,
                resume: bool = False, overwrite: bool = False, progress: bool = True,
+               runner: str = "local", beam_args: Sequence[str] = (),
                on_chunk_done: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Runs the preprocessing (module docstring); returns a summary dict.
 
-    on_chunk_done(k) is called after chunk k is written and marked done (tests interrupt a
-    run by raising from it). Raises FileNotFoundError / ValueError (bad --input, an output
-    holding another run) or OSError (--output not writable).
+    runner: "local" (`workers` processes on this machine) or "beam" (`run_beam`: an Apache
+    Beam pipeline over the chunks, `beam_args` its pipeline options). on_chunk_done(k) is
+    called after chunk k is written and marked done (local runner; tests interrupt a run by
+    raising from it). Raises FileNotFoundError / ValueError (bad --input, an output holding
+    another run) or OSError (--output not writable).
     """
     start = time.perf_counter()
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
     root, paths = find_inputs(input_path)
     check_writable(out)
     tasks = make_tasks(root, paths, settings)
@@ -1115,37 +1121,26 @@ def preprocess(input_path: str, out: str, settings: Settings = Settings(), *, wo
     }))
     state = _prepare_output(out, run, resume, overwrite)
     n = settings.inputs_per_shard
-    num_chunks = math.ceil(len(tasks) / n)
-    dones: list[dict[str, Any] | None] = [_chunk_done(state, k) for k in range(num_chunks)]
-    todo = [k for k in range(num_chunks) if dones[k] is None]
-    skipped = sum(len(tasks[k * n:(k + 1) * n]) for k in range(num_chunks) if dones[k])
+    chunks = [tasks[k:k + n] for k in range(0, len(tasks), n)]
+    dones: list[dict[str, Any] | None] = [_chunk_done(state, k) for k in range(len(chunks))]
+    todo = [(k, chunk) for k, chunk in enumerate(chunks) if dones[k] is None]
+    skipped = sum(len(chunks[k]) for k, d in enumerate(dones) if d is not None)
     if skipped:
         logging.info("resuming: %d of %d inputs already done", skipped, len(tasks))
-    todo_tasks = [t for k in todo for t in tasks[k * n:(k + 1) * n]]
-    processed: list[dict[str, Any]] = []
-    if workers <= 1 or not todo_tasks:
+    if todo and runner == "local" and workers <= 1:
         _analyzer()  # fails fast (no ai-edge-litert / model files) before any work
-    else:
+    elif todo:
         fa.FaceAnalyzer(backend="tflite")  # the same check; workers load their own
-    results = _results(todo_tasks, settings, workers)
-    with _progress_bar(len(tasks), skipped, progress) as bar:
-        try:
-            for k in todo:
-                chunk = []
-                for _ in tasks[k * n:(k + 1) * n]:
-                    res = next(results)
-                    chunk.append(res)
-                    processed.append(res.entry)
-                    e = res.entry
-                    if e["status"] == "failed":
-                        logging.warning("%s: %s (%s)", e["input"], e["reason"], e["detail"])
-                    bar.update(1)
-                    bar.set_postfix(clips=sum(x["clips"] for x in processed), refresh=False)
-                dones[k] = _write_chunk(state, k, chunk)
-                if on_chunk_done is not None:
-                    on_chunk_done(k)
-        finally:
-            results.close()  # stops the worker pool
+    if runner == "beam" and todo:
+        run_beam(state, todo, settings, beam_args)
+        for k, _ in todo:
+            dones[k] = _chunk_done(state, k)
+            if dones[k] is None:
+                raise RuntimeError(f"the Beam pipeline finished without writing chunk {k}")
+        processed = [e for k, _ in todo for e in dones[k]["inputs"]]
+    else:
+        processed = _run_local(state, todo, settings, workers, dones,
+                               _progress_bar(len(tasks), skipped, progress), on_chunk_done)
 
     entries = [e for d in dones for e in d["inputs"]]
     counts = {s: sum(d["records"].get(s, 0) for d in dones) for s in schema.SPLITS}
@@ -1156,10 +1151,10 @@ def preprocess(input_path: str, out: str, settings: Settings = Settings(), *, wo
         "settings": dataclasses.asdict(settings), "root": root, "totals": totals,
         "inputs": entries})
     tmp = os.path.join(state, "tmp")
+    os.makedirs(tmp, exist_ok=True)
     _dataset_info(settings, tasks, counts, totals).save(tmp)  # dataset.json appears whole
     os.replace(os.path.join(tmp, schema.DATASET_INFO), os.path.join(out, schema.DATASET_INFO))
     shutil.rmtree(tmp, ignore_errors=True)
-    now = totals_of(processed)
     return {
         "out": os.path.abspath(out),
         "inputs": len(tasks),
@@ -1168,9 +1163,77 @@ def preprocess(input_path: str, out: str, settings: Settings = Settings(), *, wo
         "splits": counts,
         "shards": shards,
         "totals": totals,
-        "this_run": now,
+        "this_run": totals_of(processed),
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def _log_failure(entry: dict[str, Any]) -> None:
+    if entry["status"] == "failed":
+        logging.warning("%s: %s (%s)", entry["input"], entry["reason"], entry["detail"])
+
+
+def _run_local(state: str, todo: Sequence[tuple[int, list[Task]]], settings: Settings,
+               workers: int, dones: list, bar, on_chunk_done) -> list[dict[str, Any]]:
+    """Processes the chunks to do with `workers` processes, writing each chunk when its
+    inputs are done (in input order); fills `dones`; returns the processed entries."""
+    processed: list[dict[str, Any]] = []
+    results = _results([t for _, chunk in todo for t in chunk], settings, workers)
+    with bar:
+        try:
+            for k, chunk in todo:
+                done = []
+                for _ in chunk:
+                    res = next(results)
+                    done.append(res)
+                    processed.append(res.entry)
+                    _log_failure(res.entry)
+                    bar.update(1)
+                    bar.set_postfix(clips=sum(e["clips"] for e in processed), refresh=False)
+                dones[k] = _write_chunk(state, k, done)
+                if on_chunk_done is not None:
+                    on_chunk_done(k)
+        finally:
+            results.close()  # stops the worker pool
+    return processed
+
+
+def process_chunk(element: tuple[int, list[Task]], state: str, settings: Settings) -> int:
+    """Processes and writes one chunk (k, its tasks): the unit of work of `run_beam`."""
+    k, chunk = element
+    results = []
+    for task in chunk:
+        results.append(process_input(task, settings))
+        _log_failure(results[-1].entry)
+    _write_chunk(state, k, results)
+    return k
+
+
+def run_beam(state: str, todo: Sequence[tuple[int, list[Task]]], settings: Settings,
+             beam_args: Sequence[str]) -> None:
+    """The chunks to do as an Apache Beam pipeline: Create -> Reshuffle -> Map(process_chunk).
+
+    Each chunk is processed and written by one worker (`process_chunk`, the same per-input
+    function as the local runner; one FaceAnalyzer per worker process), so no frame goes
+    through a shuffle. beam_args: pipeline options, e.g. ["--runner=DirectRunner",
+    "--direct_num_workers=4", "--direct_running_mode=multi_processing"]; for Dataflow /
+    Flink / Spark their own (workers then need ffmpeg, this repository and the face-model
+    wheels, and --output must be a folder every worker can write: a shared mount).
+    Needs apache-beam (requirements-beam.txt, its own venv: scripts/beam_venv.sh).
+    """
+    try:
+        import apache_beam as beam
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        raise ValueError("--runner beam needs apache-beam: make its venv with "
+                         "`bash scripts/beam_venv.sh` (requirements-beam.txt)") from None
+    options = PipelineOptions(list(beam_args))
+    logging.info("Beam pipeline over %d chunks, options %s", len(todo), list(beam_args))
+    with beam.Pipeline(options=options) as p:
+        _ = (p
+             | "chunks" >> beam.Create(list(todo))
+             | "spread" >> beam.Reshuffle()
+             | "process" >> beam.Map(process_chunk, state=state, settings=settings))
 
 
 def totals_of(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -1223,7 +1286,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jpeg_quality", type=int, default=d.jpeg_quality)
     p.add_argument("--inputs_per_shard", type=int, default=d.inputs_per_shard,
                    help="inputs per output shard (the unit of resuming)")
-    return p.parse_args(argv)
+    p.add_argument("--runner", default="local", choices=RUNNERS,
+                   help="local: --workers processes; beam: an Apache Beam pipeline (other "
+                   "flags go to Beam's PipelineOptions)")
+    p.add_argument("--beam_runner", default="DirectRunner",
+                   help="Beam runner for --runner beam (DirectRunner, DataflowRunner, ...)")
+    args, rest = p.parse_known_args(argv)
+    if rest and args.runner != "beam":
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.beam_args = [f"--runner={args.beam_runner}", *rest]
+    return args
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -1265,7 +1337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = preprocess(args.input, args.output, settings, workers=args.workers,
                              resume=args.resume, overwrite=args.overwrite,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, runner=args.runner,
+                             beam_args=args.beam_args)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -137,6 +137,11 @@ def manifest(directory):
         return json.load(f)
 
 
+def entries(directory):
+    """The manifest's per-input entries without their timings."""
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in manifest(directory)["inputs"]]
+
+
 @pytest.fixture(scope="module")
 def talk(out):
     (clip,) = [c for c in read_clips(out) if c.attrs["input"] == "talk.mp4"]
@@ -318,8 +323,7 @@ def test_an_interrupted_run_resumes_to_the_same_records(inputs, out, tmp_path, c
     assert summary["resumed_inputs"] == 3 and summary["processed_inputs"] == 4
     # one process, stopped and resumed == two worker processes in one go
     assert read_records(other) == read_records(out)
-    strip = lambda m: [{k: v for k, v in e.items() if k != "seconds"} for e in m["inputs"]]  # noqa: E731
-    assert strip(manifest(other)) == strip(manifest(out))
+    assert entries(other) == entries(out)
     shards = sorted(os.listdir(out))
     assert sorted(os.listdir(other)) == shards
     # a finished run resumed does nothing and leaves the same files
@@ -330,6 +334,18 @@ def test_an_interrupted_run_resumes_to_the_same_records(inputs, out, tmp_path, c
     assert pp.main(["--input", inputs["dir"], "--output", other, "--resume", *FLAGS,
                     "--min_seconds", "2"]) == 1
     assert "min_seconds" in capsys.readouterr().err
+
+
+def test_the_beam_runner_writes_the_same_records(inputs, out, tmp_path):
+    """Runs where apache-beam is installed (its own venv: scripts/beam_venv.sh)."""
+    pytest.importorskip("apache_beam")
+    other = str(tmp_path / "beam")
+    argv = ["--input", inputs["dir"], "--output", other, *FLAGS, "--runner", "beam",
+            "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    assert pp.main(argv) == 0
+    assert read_records(other) == read_records(out)
+    assert entries(other) == entries(out)
+    assert schema.DatasetInfo.load(other).clips == {"train": 2}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -353,6 +369,9 @@ def test_cli_errors_are_one_line_and_non_zero(tmp_path, capsys):
     assert "not writable" in err(["--input", str(empty), "--output", str(blocker / "o")], 1)
     assert "--workers" in err(["--input", str(empty), "--output", str(tmp_path / "o"),
                                "--workers", "0"], 2)
+    assert pp.main(["--input", str(empty), "--output", str(tmp_path / "o"),
+                    "--direct_num_workers=2"]) == 2  # Beam's options need --runner beam
+    assert "unrecognized arguments" in capsys.readouterr().err
     assert pp.main(["--input", str(empty)]) == 2  # --output missing: argparse's usage
     assert "--output" in capsys.readouterr().err
 
