@@ -5,6 +5,7 @@
         [--identity top|parent|file] [--test_fraction F] [--min_seconds 2] [--max_seconds 20]
         [--min_crop_px 128] [--min_brightness 40] [--min_sharpness 20]
         [--frame_format jpeg] [--inputs_per_shard 64]
+        [--runner local|beam [--beam_runner DirectRunner] [Beam pipeline options]]
 
 --input is a folder (every video file under it, recursively, sorted) or a text file listing
 one video per line (relative paths are relative to the list's folder; '#' starts a
@@ -24,8 +25,10 @@ Per input (`process_input`; one `FaceAnalyzer` per worker process):
    re-detects. Every DETECT_EVERY frames the detector also runs to count other faces
    (multi-person) and to sample the face crop's brightness and sharpness.
 3. Segment (`segments`). A clip ends where the track is lost (no face, or the mesh score
-   stays low after re-detection) or jumps (a shot change: the per-frame face crop moves by
-   more than CUT_SHIFT of its side or changes size by more than CUT_SCALE in one frame).
+   stays low after re-detection), at a shot change (consecutive frames differ by more than
+   CUT_DIFF; the face is then detected anew), or where the track jumps (the per-frame face
+   crop moves by more than CUT_SHIFT of its side or changes size by more than CUT_SCALE in
+   one frame). A cut between two shots that frame the same face alike is not seen.
    Segments longer than --max_seconds are cut into equal parts. Each part is kept or
    rejected for one reason, checked in this order (counted per reason in the manifest):
    too_short (< --min_seconds), small_face (median crop side < --min_crop_px source pixels,
@@ -93,6 +96,22 @@ Failures never stop the run: an input that cannot be read (corrupt, truncated, n
 video), has no video or no audio stream, undecodable audio, or no face, is recorded in the
 manifest with that reason (`FAILURE_REASONS`) and a detail line. A truncated file (fewer
 frames decoded than its header promises, or ffmpeg's "partial file") is rejected whole.
+
+Warnings (manifest "warnings", the input is still used): audio shorter than the video by
+more than TRUNCATION_SLACK_S (the rest is silence), a source below MIN_SOURCE_FPS (frames
+repeated to reach 25 fps), a clip crop more than MAX_OUTSIDE of whose area lies beyond the
+video's edges.
+
+Scale-out: --workers N runs N processes on this machine (spawned; each loads its own
+FaceAnalyzer, which cannot be pickled); --runner beam runs the same per-input function
+(`process_input`, by chunks: `run_beam`) as an Apache Beam pipeline, DirectRunner by default,
+other Beam options passed through (apache-beam lives in its own venv: requirements-beam.txt,
+scripts/beam_venv.sh). A worker holds one input's frames (up to FRAME_CACHE_BYTES, else the
+video is decoded twice) and its encoded clips in memory.
+
+Stage 2 on this data: the labels lack brow / mouth_width / mouth_round, so
+motion_source="labels" does not apply; run `extract_latents` (features:motion) as for any
+dataset. The stage-2 loader's gaze / distance / emotion conditions come from these labels.
 
 Resuming: --resume continues a run in OUT made with the same settings and inputs (anything
 else is an error naming the differences): done chunks are skipped, the rest is redone from
@@ -171,6 +190,10 @@ EYE_OPEN_PERCENTILE = 90.0  # the clip's open-eye level for `blink`
 # Decoding: a file decoding to fewer frames than its header's duration promises (less this
 # slack) is truncated.
 TRUNCATION_SLACK_S = 0.5
+MIN_SOURCE_FPS = 20.0  # below: a warning (25 fps repeats frames)
+MAX_OUTSIDE = 0.2  # a clip crop with more of its area beyond the video's edges: a warning
+# Decoded frames kept for the second pass (instead of decoding twice) up to this many bytes.
+FRAME_CACHE_BYTES = 512 * 2 ** 20
 
 
 # ----------------------------------------------------------------------------- settings
@@ -547,14 +570,16 @@ def _landmarks(analyzer: fa.FaceAnalyzer, frame: np.ndarray,
 
 
 def track(frames: Iterable[np.ndarray], analyzer: fa.FaceAnalyzer,
-          keep: list | None = None) -> list[FrameObs | None]:
+          keep: list | None = None, keep_bytes: int = FRAME_CACHE_BYTES
+          ) -> list[FrameObs | None]:
     """Tracks the main face through the frames: one FrameObs per frame, None where none.
 
     Detection (largest face) when there is no track or a new shot starts (the frame differs
     from the previous one by more than CUT_DIFF); the mesh then follows the previous
     frame's landmarks; a mesh score below TRACK_SCORE re-detects in the same frame. Every
     DETECT_EVERY frames the detector runs anyway (other faces, crop quality). keep: if a
-    list, the frames are appended to it (for `process_input`'s second pass).
+    list, the frames are appended to it (for `process_input`'s second pass) while they fit
+    in keep_bytes; past that it is emptied and no longer filled.
     """
     obs: list[FrameObs | None] = []
     prev: fa.FaceLandmarks | None = None
@@ -562,6 +587,9 @@ def track(frames: Iterable[np.ndarray], analyzer: fa.FaceAnalyzer,
     for k, frame in enumerate(frames):
         if keep is not None:
             keep.append(frame)
+            if len(keep) * frame.nbytes > keep_bytes:
+                keep.clear()
+                keep = None
         thumb = cv2.resize(frame, (CUT_THUMB, CUT_THUMB), interpolation=cv2.INTER_AREA)
         thumb = thumb.astype(np.int16)
         cut = thumb_prev is not None and float(np.abs(thumb - thumb_prev).mean()) > CUT_DIFF
@@ -744,10 +772,6 @@ def _analyzer() -> fa.FaceAnalyzer:
     return _ANALYZER
 
 
-# Keep decoded frames for the second pass (instead of decoding twice) up to this many bytes.
-FRAME_CACHE_BYTES = 512 * 2 ** 20
-
-
 def _frames_at(reader_factory: Callable[[], FrameReader], cache: list | None,
                wanted: set[int]) -> Iterator[tuple[int, np.ndarray]]:
     """(index, frame) of the wanted frames, from the cache or a second decode."""
@@ -778,13 +802,19 @@ def process_input(task: Task, settings: Settings) -> InputResult:
         entry["source"] = info.to_json()
         audio = load_audio(task.path, info)
         audio_offset = (info.video_start - info.audio_start) * schema.SAMPLE_RATE
+        if info.fps and info.fps < MIN_SOURCE_FPS:
+            entry["warnings"].append(f"{info.fps:.1f} fps source: frames repeated to 25 fps")
         reader = FrameReader(task.path, info)
-        frame_bytes = info.width * info.height * 3
-        expected = max(info.duration, 1.0) * schema.FPS
-        cache = [] if expected * frame_bytes <= FRAME_CACHE_BYTES else None
-        obs = track(reader, _analyzer(), cache)
+        cache: list | None = []
+        obs = track(reader, _analyzer(), cache, FRAME_CACHE_BYTES)
+        if len(cache) != len(obs):  # too big to keep: decoded again for the crops
+            cache = None
         entry["frames"] = len(obs)
         reader.check_complete()
+        covered = (len(audio) - audio_offset) / schema.SAMPLE_RATE
+        if covered < len(obs) / schema.FPS - TRUNCATION_SLACK_S:
+            entry["warnings"].append(f"audio covers {max(covered, 0):.2f} s of "
+                                     f"{len(obs) / schema.FPS:.2f} s of video")
         entry["face_frames"] = sum(o is not None for o in obs)
         if entry["face_frames"] == 0:
             raise InputError("no_face", f"no face in any of the {len(obs)} frames")
@@ -848,6 +878,9 @@ def _encode_clips(task: Task, settings: Settings, info: MediaInfo,
                 **attrs,
             })
         out.append((task.split, schema.encode_clip(clip)))
+        if clip.attrs["crop_outside"] > MAX_OUTSIDE:
+            entry["warnings"].append(f"{clip.clip_id}: {clip.attrs['crop_outside']:.0%} of the "
+                                     "crop is beyond the video's edges (border pixels repeated)")
         entry["clip_ids"].append(clip.clip_id)
         entry["clip_frames"] += clip.num_frames
     entry["clips"] = len(out)

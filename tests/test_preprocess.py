@@ -236,6 +236,20 @@ def test_gaze_openness_emotion_and_boxes(talk):
     assert abs(np.median((mouth[:, 0] + mouth[:, 2]) / 2) - 0.5) < 0.08
 
 
+def test_a_video_too_big_to_keep_is_decoded_twice_to_the_same_clip(inputs, talk, monkeypatch):
+    monkeypatch.setattr(pp, "FRAME_CACHE_BYTES", 10 * CANVAS[0] * CANVAS[1] * 3)
+    settings = pp.Settings(size=SIZE, identity="file", min_seconds=1.0, min_crop_px=100.0)
+    path = os.path.join(inputs["dir"], "talk.mp4")
+    (task,) = pp.make_tasks(inputs["dir"], [path], settings)
+    res = pp.process_input(task, settings)
+    assert res.entry["status"] == "done" and res.entry["warnings"] == []
+    (clip,) = [schema.decode_clip(r) for _, r in res.records]
+    assert clip.frames == talk.frames and clip.clip_id == talk.clip_id
+    assert np.array_equal(clip.audio, talk.audio)
+    for name, x in talk.labels.items():
+        assert np.array_equal(clip.labels[name], x), name
+
+
 # ----------------------------------------------------------------------------- manifest
 
 
@@ -255,7 +269,7 @@ def test_manifest_records_failures_and_rejections(out, talk):
     e = entries["talk.mp4"]
     assert e["status"] == "done" and e["clips"] == 1 and e["clip_frames"] == 125
     assert e["clip_ids"] == [talk.clip_id] and e["source"]["fps"] == FPS_IN
-    assert e["rejected"] == {}
+    assert e["rejected"] == {} and e["warnings"] == []
     assert entries["mute.mp4"]["rejected"] == {"silent": 1} and entries["mute.mp4"]["clips"] == 0
     # one shot of six kept; each other one rejected for its own reason
     s = entries["shots.mp4"]
