@@ -5,13 +5,14 @@ translation and muxed with espeak-ng speech, must come out as one 125-frame 25 f
 the face centred in the crop, roll following the rotation and distance the scale. A video
 of six shots (good, blurred, dark, two faces, a small face, too short), a silent one, one
 without a face, one without an audio stream, a truncated mp4 and a 2 KB stub are recorded
-in the manifest with their reasons. The output reads through data_pipeline.inspect and the
+in the manifest with their reasons; a phone video stored sideways is turned upright. The output reads through data_pipeline.inspect and the
 stage-1 loader, and an interrupted run resumed ends with the records of a parallel run.
 """
 
 import json
 import math
 import os
+import subprocess
 
 import cv2
 import grain
@@ -108,6 +109,12 @@ def inputs(tmp_path_factory, analyzer):
              for _ in range(25))
     write_video(str(folder / "noface.mp4"), noise, 25, audio[:25 * 640])
     write_video(str(folder / "nosound.mp4"), (shot(160, 240) for _ in range(25)), 25)
+    # a phone video: stored sideways with rotation metadata that turns it upright
+    raw = str(tmp_path_factory.mktemp("raw") / "sideways.mp4")
+    sideways = (np.ascontiguousarray(np.rot90(shot(160, 240), -1)) for _ in range(30))
+    write_video(raw, sideways, 25, audio[:30 * 640])
+    subprocess.run(["ffmpeg", "-v", "error", "-i", raw, "-c", "copy", "-metadata:s:v:0",
+                    "rotate=90", str(folder / "phone.mp4")], check=True)
     data = (folder / "talk.mp4").read_bytes()  # faststart: the index is at the front
     (folder / "cut.mp4").write_bytes(data[:len(data) // 2])
     (folder / "stub.mp4").write_bytes(data[:2048])
@@ -257,7 +264,7 @@ def test_manifest_records_failures_and_rejections(out, talk):
     m = manifest(out)
     entries = {e["input"]: e for e in m["inputs"]}
     assert sorted(entries) == sorted(["talk.mp4", "shots.mp4", "mute.mp4", "noface.mp4",
-                                      "nosound.mp4", "cut.mp4", "stub.mp4"])
+                                      "nosound.mp4", "cut.mp4", "stub.mp4", "phone.mp4"])
     failed = {k: (e["reason"], e["detail"]) for k, e in entries.items() if e["status"] == "failed"}
     assert {k: r for k, (r, _) in failed.items()} == {
         "noface.mp4": "no_face", "nosound.mp4": "no_audio", "cut.mp4": "truncated",
@@ -278,12 +285,12 @@ def test_manifest_records_failures_and_rejections(out, talk):
     assert s["rejected"] == {"blurred": 1, "dark": 1, "multi_person": 1, "small_face": 1,
                              "too_short": 1}
     t = m["totals"]
-    assert (t["inputs"], t["done"], t["failed"], t["clips"]) == (7, 3, 4, 2)
+    assert (t["inputs"], t["done"], t["failed"], t["clips"]) == (8, 4, 4, 3)
     assert t["failed_by_reason"] == {"no_audio": 1, "no_face": 1, "truncated": 1,
                                      "unreadable": 1}
     assert t["rejected"]["silent"] == 1 and sum(t["rejected"].values()) == 6
     info = schema.DatasetInfo.load(out)
-    assert info.clips == {"train": 2} and info.num_identities == 7
+    assert info.clips == {"train": 3} and info.num_identities == 8
     assert info.labels == list(pp.WRITTEN_LABELS) and (info.height, info.width) == (SIZE, SIZE)
     assert info.extra["camera"]["focal_px"] == pytest.approx(fa.DEFAULT_FOCAL * SIZE)
 
@@ -297,14 +304,23 @@ def test_shot_changes_split_clips(out):
     assert abs(clip.attrs["crop"][2] - 160) < 12  # the shot's face crop side
 
 
+def test_a_sideways_phone_video_is_turned_upright(out, talk):
+    (clip,) = [c for c in read_clips(out) if c.attrs["input"] == "phone.mp4"]
+    assert clip.attrs["source_size"] == [SHOT[0], SHOT[1]]  # as displayed: w, h swapped
+    assert clip.num_frames == 30
+    roll = np.median(clip.labels["pose"][:, 2])
+    assert abs(roll - np.median(talk.labels["pose"][:, 2])) < 3  # her own head tilt
+    assert abs(clip.attrs["crop"][0] - SHOT[0] / 2) < 8  # placed at the display's centre
+
+
 # ----------------------------------------------------------------------------- readers
 
 
 def test_inspect_and_the_stage1_loader_read_the_output(out, capsys):
     assert inspect_tool.main([out, "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "split train: 2 clips" in text and "identities: 2" in text
-    assert "pose.roll" in text and "frames: 175" in text
+    assert "split train: 3 clips" in text and "identities: 3" in text
+    assert "pose.roll" in text and "frames: 205" in text
     cfg = data_stage1("tiny")
     cfg.path, cfg.batch_size, cfg.num_workers = out, 2, 0
     batch = next(iter(loaders.stage1_dataset(cfg, num_epochs=1)))
@@ -313,7 +329,7 @@ def test_inspect_and_the_stage1_loader_read_the_output(out, capsys):
     assert batch["labels"]["driving"]["pose"].shape == (2, 6)
     assert set(batch["labels"]["source"]) == set(pp.WRITTEN_LABELS)
     frames = loaders.read_frames(out, "train", 64, frames_per_clip=2)
-    assert frames.images.shape == (4, 64, 64, 3) and frames.labels["gaze"].shape == (4, 2)
+    assert frames.images.shape == (6, 64, 64, 3) and frames.labels["gaze"].shape == (6, 2)
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -334,7 +350,7 @@ def test_an_interrupted_run_resumes_to_the_same_records(inputs, out, tmp_path, c
     assert pp.main(["--input", inputs["dir"], "--output", other, *FLAGS]) == 1
     assert "--resume" in capsys.readouterr().err
     summary = pp.preprocess(inputs["dir"], other, settings, resume=True, progress=False)
-    assert summary["resumed_inputs"] == 3 and summary["processed_inputs"] == 4
+    assert summary["resumed_inputs"] == 3 and summary["processed_inputs"] == 5
     # one process, stopped and resumed == two worker processes in one go
     assert read_records(other) == read_records(out)
     assert entries(other) == entries(out)
@@ -342,7 +358,7 @@ def test_an_interrupted_run_resumes_to_the_same_records(inputs, out, tmp_path, c
     assert sorted(os.listdir(other)) == shards
     # a finished run resumed does nothing and leaves the same files
     again = pp.preprocess(inputs["dir"], other, settings, resume=True, progress=False)
-    assert again["processed_inputs"] == 0 and again["resumed_inputs"] == 7
+    assert again["processed_inputs"] == 0 and again["resumed_inputs"] == 8
     assert read_records(other) == read_records(out)
     # other settings: an error naming them
     assert pp.main(["--input", inputs["dir"], "--output", other, "--resume", *FLAGS,
@@ -359,7 +375,7 @@ def test_the_beam_runner_writes_the_same_records(inputs, out, tmp_path):
     assert pp.main(argv) == 0
     assert read_records(other) == read_records(out)
     assert entries(other) == entries(out)
-    assert schema.DatasetInfo.load(other).clips == {"train": 2}
+    assert schema.DatasetInfo.load(other).clips == {"train": 3}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -415,6 +431,10 @@ def test_inputs_identities_and_splits(tmp_path):
     assert abs(np.mean(test) - 0.2) < 0.03
     assert test == [pp.is_test_identity(k, 0.2) for k in keys]
     assert not any(pp.is_test_identity(k, 0.0) for k in keys)
+    # a listed file that is gone: a failed entry, not a crash
+    gone = pp.Task(str(tmp_path / "gone.mp4"), "gone.mp4", "gone", 0, "train")
+    res = pp.process_input(gone, pp.Settings())
+    assert (res.entry["status"], res.entry["reason"], res.records) == ("failed", "missing", [])
 
 
 def test_segments_split_where_the_track_is_lost_or_jumps():
