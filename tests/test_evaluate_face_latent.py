@@ -198,10 +198,12 @@ def test_cli_prints_summary_and_writes_json_and_figure(cli_result):
                 "driver_identity_similarity"):
         assert -1.0 <= cr[key] <= 1.0 + 1e-6
     pr = result["probes"]
-    assert pr["protocol"].startswith("fit on train-split") and pr["skipped"] == {}
+    # Probes score every frame of the 1-s test clips (25 < probe_eval_frames_per_clip).
+    assert pr["protocol"] == ("fit on 96 train-split frames, scored on 75 frames of the "
+                              "evaluated clips") and pr["skipped"] == {}
     assert set(pr["pose_from_z_pose"]["r2"]) == {"yaw", "pitch", "roll"}
     assert set(pr["gaze_from_z_dyn"]["r2"]) == {"theta", "phi"}
-    assert pr["pose_from_z_dyn"]["num_test"] == 3 * (FRAMES_PER_CLIP + 1)
+    assert pr["pose_from_z_dyn"]["num_test"] == 3 * 25
     assert pr["pose_from_z_dyn"]["num_train"] == 6 * 16  # 6 train clips x 16 frames
     assert "accuracy" in pr["emotion_from_z_dyn"]
 

@@ -40,7 +40,9 @@ live one if the checkpoint has no EMA) and measures, on the clips of split --spl
     mouth_open, blink, gaze <- z_dyn         should be high
     emotion <- z_dyn                         accuracy vs the majority-class rate
   Probes are fitted on frames of train-split clips (ridge strength chosen by k-fold
-  cross-validation over those clips) and scored on the evaluated split's frames. If the
+  cross-validation over those clips) and scored on `probe_eval_frames_per_clip` (50)
+  evenly spaced frames of each evaluated clip (more than the reenactment's 9: brief events
+  like blinks need them for a stable R^2). If the
   dataset has no train split (or --split is train), they are k-fold cross-validated on
   the evaluated frames with folds split by clip (frames of one clip are never on both
   sides). A probe whose labels some clip lacks is skipped, with the reason in the output.
@@ -388,6 +390,10 @@ class Settings:
     frames_per_clip: int = 8  # driving frames per clip (besides the source, frame 0)
     probe_clips: int = 256  # train-split clips whose frames fit the probes
     probe_frames_per_clip: int = 16
+    # Frames per evaluated clip the probes are scored on (evenly spaced; more than the
+    # reenactment's: a brief event like a blink is in ~6% of SynthTalk's frames, so 9
+    # frames a clip hold ~15 blinks over 32 clips and the R^2 moves by +-0.1 between runs).
+    probe_eval_frames_per_clip: int = 50
     kfold: int = 5  # folds when probes are cross-validated on the evaluated split
     figure_columns: int = 6
     batch_size: int = 16  # rounded up to a multiple of the batch-axis devices
@@ -402,8 +408,8 @@ class Settings:
     def __post_init__(self):
         if self.split not in schema.SPLITS:
             raise ValueError(f"split must be one of {schema.SPLITS}, got {self.split!r}")
-        for name in ("frames_per_clip", "probe_frames_per_clip", "figure_columns",
-                     "batch_size", "probe_clips"):
+        for name in ("frames_per_clip", "probe_frames_per_clip", "probe_eval_frames_per_clip",
+                     "figure_columns", "batch_size", "probe_clips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_clips is not None and self.max_clips < MIN_CLIPS:
@@ -545,8 +551,11 @@ def run_probes(
     groups = _clip_groups(test_clips)
     train_groups = None if cross_validate else _clip_groups(train_clips)
     k = min(kfold, len(test_clips))
-    protocol = (f"{k}-fold cross-validation on the evaluated clips (folds by clip)"
-                if cross_validate else "fit on train-split frames, scored on evaluated frames")
+    n_eval = sum(len(c.frame_ids) for c in test_clips)
+    protocol = (f"{k}-fold cross-validation on {n_eval} frames of the evaluated clips (folds "
+                "by clip)" if cross_validate else
+                f"fit on {sum(len(c.frame_ids) for c in train_clips)} train-split frames, "
+                f"scored on {n_eval} frames of the evaluated clips")
     results: dict[str, Any] = {"protocol": protocol, "skipped": {}}
 
     def labels(label):
@@ -593,7 +602,8 @@ def evaluate(workdir: str, data: str, settings: Settings = Settings(),
 
     Raises FileNotFoundError (no workdir / checkpoint / split / face-ID model) or
     ValueError (too few clips, not a stage-1 run) with a message saying what to fix.
-    Host memory: the evaluated frames, clips x (frames_per_clip + 1) x S x S x 3 bytes.
+    Host memory: the evaluated frames, clips x (frames_per_clip + 1 +
+    probe_eval_frames_per_clip) x S x S x 3 bytes.
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -619,6 +629,10 @@ def evaluate(workdir: str, data: str, settings: Settings = Settings(),
         raise ValueError(
             f"{data!r} split {settings.split!r} has {len(clips)} usable clips (>= 2 frames); "
             f"the evaluation needs >= {MIN_CLIPS} ({skipped} records skipped)")
+    # The probes' own frames of the evaluated clips (more than the reenactment's).
+    probe_clips, _ = read_clips(data, settings.split, size, max_clips=settings.max_clips,
+                                frames_per_clip=settings.probe_eval_frames_per_clip,
+                                include_first=False, progress=settings.progress)
     train_clips = None
     if settings.split != "train":
         try:
@@ -640,6 +654,9 @@ def evaluate(workdir: str, data: str, settings: Settings = Settings(),
 
     t0 = time.perf_counter()
     z_pose, z_dyn = runner.encode_motion(frames, settings.progress)
+    pp, pd = runner.encode_motion(np.concatenate([c.frames for c in probe_clips]),
+                                  settings.progress)
+    probe_latents = {"z_pose": pp, "z_dyn": pd}
     train_latents = None
     if train_clips is not None:
         tp, td = runner.encode_motion(np.concatenate([c.frames for c in train_clips]),
@@ -708,8 +725,8 @@ def evaluate(workdir: str, data: str, settings: Settings = Settings(),
         timings["expression_transfer"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    probe_results = run_probes(clips, {"z_pose": z_pose, "z_dyn": z_dyn}, train_clips,
-                               train_latents, settings.kfold)
+    probe_results = run_probes(probe_clips, probe_latents, train_clips, train_latents,
+                               settings.kfold)
     timings["probes"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -795,7 +812,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="driving frames per clip")
     parser.add_argument("--probe_clips", type=int, default=d.probe_clips,
                         help="train-split clips used to fit the linear probes")
-    parser.add_argument("--probe_frames_per_clip", type=int, default=d.probe_frames_per_clip)
+    parser.add_argument("--probe_frames_per_clip", type=int, default=d.probe_frames_per_clip,
+                        help="frames per train-split clip that fit the probes")
+    parser.add_argument("--probe_eval_frames_per_clip", type=int,
+                        default=d.probe_eval_frames_per_clip,
+                        help="frames per evaluated clip the probes are scored on")
     parser.add_argument("--kfold", type=int, default=d.kfold,
                         help="folds when probes are cross-validated (no train split)")
     parser.add_argument("--figure_columns", type=int, default=d.figure_columns)
@@ -878,7 +899,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(
         split=args.split, max_clips=args.max_clips, frames_per_clip=args.frames_per_clip,
         probe_clips=args.probe_clips, probe_frames_per_clip=args.probe_frames_per_clip,
-        kfold=args.kfold, figure_columns=args.figure_columns, batch_size=args.batch_size,
+        probe_eval_frames_per_clip=args.probe_eval_frames_per_clip, kfold=args.kfold, figure_columns=args.figure_columns, batch_size=args.batch_size,
         face_id=args.face_id, expression_meter=args.expression_meter, step=args.step,
         progress=not args.no_progress,
         fast_cpu_compile=args.fast_cpu_compile,
