@@ -33,6 +33,12 @@ Records skipped after the last example of a finite pass are not reported.
 Records the index already knows to be too short (stage 1: < 2 frames; stage 2: < window
 frames) are left out when the dataset is built and logged; if none is left, that is an error.
 
+**TFDS.** `stage1_dataset(cfg, source=...)` / `stage2_dataset` also read a TensorFlow
+Datasets data source of clip records (`tfds.data_source("synthtalk/tiny", split="train",
+data_dir=D)`, any split or slice; the builders and the index they store are in
+`data_pipeline.tfds_builders`); cfg.path and cfg.split are then not used. cfg.path may also
+name a prepared TFDS dataset folder (D/synthtalk/tiny/1.0.0), read at cfg.split.
+
 **Iterator state.** `it = iter(ds)`; `it.get_state()` / `it.set_state(state)` resume
 exactly (also with workers): every step above is deterministic given cfg.seed.
 """
@@ -69,11 +75,13 @@ MOTION_LABEL_DIM = T.MOTION_LABEL_DIM
 
 @dataclasses.dataclass(frozen=True)
 class ClipIndex:
-    """Light per-record metadata of one split, in global record order (shards concatenated)."""
+    """Light per-record metadata of one split, in global record order (shards concatenated).
+    `source`: where the records are read instead of `paths` (a TFDS ClipSource), or None."""
 
     paths: tuple[str, ...]
     identity_id: np.ndarray  # int64 [R]; -1 where the record header is unreadable
     num_frames: np.ndarray  # int64 [R]; 0 where the record header is unreadable
+    source: Any = None
 
     def __len__(self) -> int:
         return len(self.identity_id)
@@ -137,11 +145,13 @@ class ClipRecords:
     """Random-access source of (record index, record bytes) over a subset of records.
 
     A grain data source (len + getitem, picklable to workers). `read` gives any record of
-    the split by its global index (stage 1 reads cross-identity clips with it).
+    the split by its global index (stage 1 reads cross-identity clips with it). Records come
+    from the shard files `paths`, or from `source` (len + getitem -> record bytes).
     """
 
-    def __init__(self, paths: tuple[str, ...], record_ids: np.ndarray):
-        self._source = grain.sources.ArrayRecordDataSource(list(paths))
+    def __init__(self, paths: tuple[str, ...], record_ids: np.ndarray, source: Any = None):
+        self._source = (grain.sources.ArrayRecordDataSource(list(paths)) if source is None
+                        else source)
         self._ids = np.asarray(record_ids, np.int64)
 
     def __len__(self) -> int:
@@ -558,8 +568,17 @@ class Stage2Window(grain.transforms.RandomMap):
 # ----------------------------------------------------------------------------- datasets
 
 
-def _open(cfg: ml_collections.ConfigDict) -> tuple[schema.DatasetInfo, ClipIndex]:
+def _open(cfg: ml_collections.ConfigDict, source: Any = None
+          ) -> tuple[schema.DatasetInfo, ClipIndex]:
     validate_data(cfg)
+    tfds_dir = bool(cfg.path) and os.path.isfile(os.path.join(cfg.path, "dataset_info.json"))
+    if source is None and tfds_dir:
+        source = cfg.path  # a prepared TFDS dataset folder
+    if source is not None:
+        from data_pipeline import tfds_builders  # imports tensorflow_datasets
+
+        clips = tfds_builders.clip_source(source, cfg.split)
+        return clips.info, ClipIndex((), clips.identity_id, clips.num_frames, clips)
     if not cfg.path:
         raise ValueError("data.path is empty: set it to a clip-record dataset folder "
                          "(--config.data.path=DIR)")
@@ -613,7 +632,8 @@ def _pipeline(records: ClipRecords, transform: grain.transforms.RandomMap,
 
 
 def stage1_dataset(cfg: ml_collections.ConfigDict, *, process_index: int = 0,
-                   process_count: int = 1, num_epochs: int | None = None) -> grain.IterDataset:
+                   process_count: int = 1, num_epochs: int | None = None,
+                   source: Any = None) -> grain.IterDataset:
     """Stage-1 (face latent) batches from cfg = configs.common.data_stage1(...).
 
     Yields dicts (B = cfg.batch_size // process_count, S = cfg.image_size):
@@ -626,9 +646,11 @@ def stage1_dataset(cfg: ml_collections.ConfigDict, *, process_index: int = 0,
         declares (none if it declares none);
       num_skipped [B] int32 (see the module docstring).
     num_epochs: None repeats forever (training); an int makes a finite pass.
+    source: a TFDS data source of clip records instead of cfg.path (module docstring).
     """
-    info, index = _open(cfg)
-    records = ClipRecords(index.paths, _usable(index, 2, "stage 1 needs 2 frames", cfg))
+    info, index = _open(cfg, source)
+    records = ClipRecords(index.paths, _usable(index, 2, "stage 1 needs 2 frames", cfg),
+                          index.source)
     candidates = (index.identity_id >= 0) & (index.num_frames >= 1)
     identities = np.unique(index.identity_id[candidates])
     if len(identities) < 2:
@@ -657,7 +679,8 @@ def stage1_dataset(cfg: ml_collections.ConfigDict, *, process_index: int = 0,
 
 
 def stage2_dataset(cfg: ml_collections.ConfigDict, *, process_index: int = 0,
-                   process_count: int = 1, num_epochs: int | None = None) -> grain.IterDataset:
+                   process_count: int = 1, num_epochs: int | None = None,
+                   source: Any = None) -> grain.IterDataset:
     """Stage-2 (motion diffusion) windows from cfg = configs.common.data_stage2(...).
 
     One window per clip visit, at a random start in {0} U [K, T - W] (W = cfg.window,
@@ -667,8 +690,9 @@ def stage2_dataset(cfg: ml_collections.ConfigDict, *, process_index: int = 0,
     emotion [B, 8], has_gaze / has_distance / has_emotion [B], labels {name: [B, W, ...]},
     identity [B], start [B]) plus clip_index [B] and num_skipped [B].
     Clips shorter than W frames are left out (logged); none left is an error.
+    source: a TFDS data source of clip records instead of cfg.path (module docstring).
     """
-    info, index = _open(cfg)
+    info, index = _open(cfg, source)
     if cfg.context > cfg.window:
         raise ValueError(f"data.context ({cfg.context}) must be <= data.window ({cfg.window}): "
                          "the context is the previous window's last K frames")
@@ -687,7 +711,8 @@ def stage2_dataset(cfg: ml_collections.ConfigDict, *, process_index: int = 0,
         if source.startswith("features:") and source[len("features:"):] not in info.features:
             raise ValueError(f"{source!r}: dataset.json lists features "
                              f"{sorted(info.features)}")
-    records = ClipRecords(index.paths, _usable(index, cfg.window, f"window {cfg.window}", cfg))
+    records = ClipRecords(index.paths, _usable(index, cfg.window, f"window {cfg.window}", cfg),
+                          index.source)
     transform = Stage2Window(int(cfg.window), int(cfg.context), cfg.motion_source,
                              cfg.audio_source, int(cfg.audio.n_mels), tuple(sorted(info.labels)))
     return _pipeline(records, transform, cfg, process_index, process_count, num_epochs)
