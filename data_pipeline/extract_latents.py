@@ -72,7 +72,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import glob
 import json
 import math
 import os
@@ -409,23 +408,9 @@ def _prefetch(fn: Callable[[int], Any], ids: Sequence[int],
 # ----------------------------------------------------------------------------- output files
 
 
-def _write_json(path: str, obj: Any) -> None:
-    """Atomically (temp file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _output_files(out: str) -> list[str]:
-    """The files of `out` this tool writes (what --overwrite deletes)."""
-    files = []
-    for split in schema.SPLITS:
-        for suffix in (schema.SHARD_SUFFIX, schema.INDEX_SUFFIX):
-            files += glob.glob(os.path.join(out, f"{split}-*-of-*{suffix}"))
-    files += [p for p in (os.path.join(out, schema.DATASET_INFO), os.path.join(out, STATS_FILE))
-              if os.path.exists(p)]
-    return sorted(files)
+    """The files of `out` this tool writes (what --overwrite deletes), but the state folder."""
+    return schema.dataset_files(out, extra=(STATS_FILE,))
 
 
 def _clear(out: str) -> None:
@@ -466,7 +451,7 @@ def _prepare_output(out: str, run: dict[str, Any], overwrite: bool) -> str:
     os.makedirs(os.path.join(state_dir, "done"), exist_ok=True)
     shutil.rmtree(os.path.join(state_dir, "tmp"), ignore_errors=True)  # a killed run's
     os.makedirs(os.path.join(state_dir, "tmp"))
-    _write_json(run_path, run)
+    schema.write_json_atomic(run_path, run)
     return state_dir
 
 
@@ -677,7 +662,7 @@ def extract(face_workdir: str, data: str, out: str, settings: Settings = Setting
                     res = _write_shard(split, ids, source, final,
                                        os.path.join(tmp_root, f"{split}-{k:05d}"), encoder,
                                        audio, pool, depth, skips, bar)
-                    _write_json(os.path.join(state_dir, "done", f"{split}-{k:05d}.json"),
+                    schema.write_json_atomic(os.path.join(state_dir, "done", f"{split}-{k:05d}.json"),
                                 res.to_json())
                     results[k] = res
                     logging.info(
@@ -702,7 +687,7 @@ def extract(face_workdir: str, data: str, out: str, settings: Settings = Setting
         stats = _merge_stats(per_split["train"])
         if stats:
             stats_path = os.path.join(out, STATS_FILE)
-            _write_json(stats_path, stats)
+            schema.write_json_atomic(stats_path, stats)
     else:
         logging.warning("%s has no train split: no %s written", data, STATS_FILE)
 

@@ -128,7 +128,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import hashlib
 import json
 import math
@@ -920,23 +919,9 @@ def _results(tasks: Sequence[Task], settings: Settings, workers: int) -> Iterato
 # ----------------------------------------------------------------------------- output
 
 
-def _write_json(path: str, obj: Any) -> None:
-    """Atomically (temp file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _output_files(out: str) -> list[str]:
     """The files of `out` this tool writes (what --overwrite deletes), but the state folder."""
-    files = []
-    for split in schema.SPLITS:
-        for suffix in (schema.SHARD_SUFFIX, schema.INDEX_SUFFIX):
-            files += glob.glob(os.path.join(out, f"{split}-*-of-*{suffix}"))
-    files += [p for p in (os.path.join(out, schema.DATASET_INFO), os.path.join(out, MANIFEST))
-              if os.path.exists(p)]
-    return sorted(files)
+    return schema.dataset_files(out, extra=(MANIFEST,))
 
 
 def _clear(out: str) -> None:
@@ -977,7 +962,7 @@ def _prepare_output(out: str, run: dict[str, Any], resume: bool, overwrite: bool
         os.makedirs(os.path.join(state, sub), exist_ok=True)
     shutil.rmtree(os.path.join(state, "tmp"), ignore_errors=True)  # a killed run's
     os.makedirs(os.path.join(state, "tmp"))
-    _write_json(run_path, run)
+    schema.write_json_atomic(run_path, run)
     return state
 
 
@@ -1011,7 +996,7 @@ def _write_chunk(state: str, k: int, results: Sequence[InputResult]) -> dict[str
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     done = {"chunk": k, "records": counts, "inputs": [r.entry for r in results]}
-    _write_json(os.path.join(state, "done", f"{k:05d}.json"), done)
+    schema.write_json_atomic(os.path.join(state, "done", f"{k:05d}.json"), done)
     return done
 
 
@@ -1180,7 +1165,7 @@ def preprocess(input_path: str, out: str, settings: Settings = Settings(), *, wo
     counts = {s: c for s, c in counts.items() if c}
     shards = _publish_shards(out, state, dones)
     totals = manifest_totals(entries)
-    _write_json(os.path.join(out, MANIFEST), {
+    schema.write_json_atomic(os.path.join(out, MANIFEST), {
         "settings": dataclasses.asdict(settings), "root": root, "totals": totals,
         "inputs": entries})
     tmp = os.path.join(state, "tmp")

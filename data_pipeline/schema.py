@@ -393,6 +393,26 @@ def list_shards(directory: str, split: str | None = None) -> list[str]:
     return files
 
 
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Writes `obj` as JSON to `path` atomically (a temp file, then a rename): a reader or
+    a resumed writer never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def dataset_files(directory: str, extra: Sequence[str] = ()) -> list[str]:
+    """Sorted paths of the dataset files in `directory` (shards, their indexes, dataset.json)
+    plus those of the `extra` file names that exist: what a dataset writer deletes before
+    writing anew."""
+    files = [p for split in SPLITS for suffix in (SHARD_SUFFIX, INDEX_SUFFIX)
+             for p in glob.glob(os.path.join(directory, f"{split}-*-of-*{suffix}"))]
+    files += [p for p in (os.path.join(directory, n) for n in (DATASET_INFO, *extra))
+              if os.path.exists(p)]
+    return sorted(files)
+
+
 def shard_index_path(shard_path: str) -> str:
     """The `.index.json` sidecar of a shard file."""
     if not shard_path.endswith(SHARD_SUFFIX):

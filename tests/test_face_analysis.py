@@ -187,6 +187,14 @@ def test_align_portrait_centres_and_levels_a_turned_off_centre_face(analyzer, ph
     assert diff < 10.0, diff
 
 
+def assert_framed(analyzer, crop):
+    """The face re-detected in a 128 px crop is centred and framed by the convention."""
+    _, lm = analyse(analyzer, crop)
+    cx, cy, side = fa.crop_box(lm)
+    assert abs(cx - 64) < 0.06 * 128 and abs(cy - 64) < 0.06 * 128
+    assert abs(side / 128 - 1) < 0.1
+
+
 def test_small_face_in_a_large_frame(analyzer, photo, face):
     _, lm0 = face
     about = tuple(fa.crop_box(lm0)[:2])
@@ -196,10 +204,7 @@ def test_small_face_in_a_large_frame(analyzer, photo, face):
     assert len(dets) == 1
     assert np.linalg.norm(dets[0].center - (1300, 400)) < 0.3 * dets[0].width
     crop = fa.align_portrait(canvas, 128, analyzer)
-    _, lm = analyse(analyzer, crop)
-    cx, cy, side = fa.crop_box(lm)
-    assert abs(cx - 64) < 0.06 * 128 and abs(cy - 64) < 0.06 * 128
-    assert abs(side / 128 - 1) < 0.1
+    assert_framed(analyzer, crop)
 
 
 def test_align_portrait_accepts_gray_and_rgba(analyzer, photo):
@@ -262,10 +267,7 @@ def test_haar_fallback_detects_and_crops(analyzer, photo, face):
     with pytest.raises(RuntimeError):
         haar.landmarks(photo, hd[0])
     crop = fa.align_portrait(photo, 128, haar)
-    _, lm = analyse(analyzer, crop)
-    cx, cy, side = fa.crop_box(lm)
-    assert abs(cx - 64) < 0.06 * 128 and abs(cy - 64) < 0.06 * 128
-    assert abs(side / 128 - 1) < 0.1
+    assert_framed(analyzer, crop)
 
 
 def test_missing_runtime_falls_back_to_haar_with_a_warning(monkeypatch, caplog):
