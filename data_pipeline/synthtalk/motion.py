@@ -35,6 +35,12 @@ from data_pipeline.synthtalk.sync import frame_rms
 MOUTH_LAG_FRAMES = 1  # the mouth follows the audio by one frame (40 ms)
 POSE_LIMITS = (25.0, 15.0, 10.0)  # soft bounds on |yaw|, |pitch|, |roll| in degrees
 EYE_LIMITS = ((-25.0, 20.0), (-35.0, 35.0))  # eye-in-head (theta, phi) range, degrees
+# Gaze fixations: this share look at the camera (the listener), the rest at a point drawn
+# uniformly from GAZE_AVERTED (theta, phi) ranges in degrees. Corpora before 2026-12-06 used
+# 0.55 and ((-12, 10), (-22, 22)): camera-frame gaze std 3.8 / 7.5 degrees, too little for a
+# 64 px stage 1 to carry the iris direction (docs/experiments.md, "gaze").
+GAZE_AT_CAMERA = 0.3
+GAZE_AVERTED = ((-15.0, 12.0), (-25.0, 25.0))
 # How often each emotion is a clip's main emotion.
 EMOTION_WEIGHTS = {
     "neutral": 0.3,
@@ -178,10 +184,10 @@ def gaze_targets(rng: np.random.Generator, n: int, fps: float = FPS) -> np.ndarr
     t = 0
     prev = None
     while t < n:
-        if rng.random() < 0.55:  # look at the camera (the listener)
+        if rng.random() < GAZE_AT_CAMERA:
             target = rng.normal(0.0, 1.5, 2)
         else:
-            target = np.array([rng.uniform(-12, 10), rng.uniform(-22, 22)])
+            target = np.array([rng.uniform(*GAZE_AVERTED[0]), rng.uniform(*GAZE_AVERTED[1])])
         fix = max(int(rng.uniform(0.3, 2.0) * fps), 2)
         out[t : t + fix] = target
         if prev is not None:  # 2-frame saccade from the previous fixation
