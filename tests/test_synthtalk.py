@@ -437,6 +437,21 @@ def test_labels_match_schema_and_stay_in_range():
     assert attrs["mouth_lag_frames"] == motion.MOUTH_LAG_FRAMES
 
 
+def test_gaze_fixations_spread_over_the_averted_ranges():
+    # Ten minutes of gaze targets: about GAZE_AT_CAMERA of the frames look at the camera,
+    # the rest spread over GAZE_AVERTED, so each angle varies enough for a 64 px stage 1.
+    g = motion.gaze_targets(np.random.default_rng(0), 25 * 600)
+    at_camera = np.linalg.norm(g, axis=1) < 5.0
+    assert abs(at_camera.mean() - motion.GAZE_AT_CAMERA) < 0.1
+    for k in range(2):
+        lo, hi = motion.GAZE_AVERTED[k]
+        assert g[:, k].min() > lo - 2.0 and g[:, k].max() < hi + 2.0
+        assert g[:, k].std() > 0.25 * (hi - lo) * 0.6  # a uniform's std is 0.29 * range
+    # Fixations hold: most frame-to-frame steps are fixational jitter, a few are saccades.
+    steps = np.linalg.norm(np.diff(g, axis=0), axis=1)
+    assert np.median(steps) < 1.0 and (steps > 5.0).mean() < 0.1
+
+
 def test_blinks_are_short_and_recurring():
     b = motion.blink_track(np.random.default_rng(0), 25 * 60, interval=3.0)
     closed = b > 0.5
