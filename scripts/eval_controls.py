@@ -6,14 +6,15 @@ For held-out SynthTalk clips, each clip's first frame is the portrait and its sp
 audio; every control variant generates a video. The output frames are read back by the
 export's own stage-1 encoder (z_pose angles; ridge probes fitted on the same clips' real
 frames map z_pose to head distance and [z_pose, z_dyn] to the camera-frame gaze) and by the
-expression meter (mouth).
+expression meter (mouth, and gaze: a reader independent of stage 1; how well each reader
+follows the labels on the real frames is printed first).
 Printed as a markdown table, per variant: mouth r (meter vs the clip's true mouth_open),
 envelope r (meter vs the speech's frame RMS, best lag within +-3), dP of the motion as
 decoded (mean frame-to-frame change of z_pose's yaw/pitch/roll, degrees; for real frames,
 of the pose labels), dP of the frames (the same of the re-read angles: this includes the
 pose net's reading noise), the mean re-read angle away from the portrait's pose, the mean
-re-read gaze (theta, phi) and its angular error to the gaze request (degrees), and the mean
-re-read head distance. The gaze request is the data's mean gaze plus --gaze degrees on
+re-read gaze (theta, phi) and its angular error to the gaze request (degrees), the same read
+by the meter, and the mean re-read head distance. The gaze request is the data's mean gaze plus --gaze degrees on
 --gaze_axis: phi (horizontal, the default) spans +-22 degrees in SynthTalk, theta
 (vertical) only -12..10, so +15 degrees of theta asks for more than the data shows.
 """
@@ -59,18 +60,17 @@ def main(argv=None) -> int:
     def read_batch(state, meter_params, frames):
         images = to_signed_float(frames)
         z_pose, z_dyn = nnx.merge(pipe._graphdef, state).encode_motion(images)
-        return z_pose, z_dyn, meter.apply(meter_params, images)["mouth_open"]
+        readings = meter.apply(meter_params, images)
+        return z_pose, z_dyn, readings["mouth_open"], readings["gaze"]
 
     def read(frames: np.ndarray):
         """frames uint8 [T, S, S, 3] -> (angles deg [T, 3], z_pose [T, 7], z_dyn [T, D],
-        meter mouth [T])."""
-        poses, dyns, mouths = [], [], []
-        for i in range(0, len(frames), pipe.window):
-            z_pose, z_dyn, mouth = read_batch(pipe._state, meter.params, frames[i:i + pipe.window])
-            poses.append(np.asarray(z_pose)), dyns.append(np.asarray(z_dyn))
-            mouths.append(np.asarray(mouth))
-        z_pose, z_dyn = np.concatenate(poses), np.concatenate(dyns)
-        return np.degrees(z_pose[:, :3]), z_pose, z_dyn, np.concatenate(mouths)
+        meter mouth [T], meter gaze deg [T, 2])."""
+        out = [read_batch(pipe._state, meter.params, frames[i:i + pipe.window])
+               for i in range(0, len(frames), pipe.window)]
+        z_pose, z_dyn, mouth, gaze = (np.concatenate([np.asarray(o[k]) for o in out])
+                                      for k in range(4))
+        return np.degrees(z_pose[:, :3]), z_pose, z_dyn, mouth, gaze
 
     index = load_clip_index(args.data, "test")
     source = schema.read_records(index.paths)
@@ -110,18 +110,24 @@ def main(argv=None) -> int:
     print(f"model {args.model}, {len(clips)} held-out clips of {args.data}; requested gaze "
           f"{want_gaze.round(1).tolist()} deg (data mean + {args.gaze:g} {args.gaze_axis}), distance "
           f"{want_dist:.3f} (data mean {dist_mean:.3f})")
+    meter_gaze = np.concatenate([r[1][4] for r in real])
+    gaze_true = np.concatenate([c.labels["gaze"] for c in clips])
+    print("gaze readers on the real frames, r with the labels (theta, phi): probe "
+          f"{[round(pearson_r(gaze_probe(np.concatenate([motion(r[1]) for r in real]))[:, k], gaze_true[:, k]), 3) for k in range(2)]}, "
+          f"meter {[round(pearson_r(meter_gaze[:, k], gaze_true[:, k]), 3) for k in range(2)]}")
     print("| variant | mouth r | envelope r | dP motion (deg/frame) | dP frames | angle from "
-          "portrait (deg) | gaze read (theta, phi) | gaze error (deg) | distance |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "portrait (deg) | gaze read (theta, phi) | gaze error (deg) | meter gaze (theta, phi) "
+          "| meter gaze error (deg) | distance |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, controls in variants.items():
-        mouth, truth, envs, dps, offs, gazes, dists, dpm = [], [], [], [], [], [], [], []
+        mouth, truth, envs, dps, offs, gazes, dists, dpm, mgazes = ([] for _ in range(9))
         for clip, (frames, codes) in zip(clips, real):
             if controls is None:
-                angles, z_pose, z_dyn, m = codes
+                angles, z_pose, z_dyn, m, mg = codes
                 decoded = clip.labels["pose"][:, :3]
             else:
                 video = pipe.generate(frames[0], clip.audio, controls)
-                angles, z_pose, z_dyn, m = read(video.frames)
+                angles, z_pose, z_dyn, m, mg = read(video.frames)
                 decoded = np.degrees(video.z_pose[:, :3])
             dpm.append(np.abs(np.diff(decoded, axis=0)).sum(1).mean())
             portrait = codes[0][0]  # the real first frame's re-read angles
@@ -130,14 +136,18 @@ def main(argv=None) -> int:
             dps.append(np.abs(np.diff(angles, axis=0)).sum(1).mean())
             offs.append(np.linalg.norm(angles - portrait, axis=1).mean())
             gazes.append(gaze_probe(np.concatenate([z_pose, z_dyn], axis=1)))
+            mgazes.append(mg)
             dists.append(dist_probe(z_pose).mean())
         r_env, _ = correlation_from_envelopes(mouth, envs)
         gaze = np.concatenate(gazes)
         gaze_err = angular_error_deg(gaze, np.broadcast_to(want_gaze, gaze.shape)).mean()
         theta, phi = gaze.mean(0)
+        mgaze = np.concatenate(mgazes)
+        mgaze_err = angular_error_deg(mgaze, np.broadcast_to(want_gaze, mgaze.shape)).mean()
         print(f"| {name} | {pearson_r(np.concatenate(mouth), np.concatenate(truth)):.3f} | "
               f"{r_env:.3f} | {np.mean(dpm):.3f} | {np.mean(dps):.3f} | {np.mean(offs):.2f} | "
-              f"{theta:.1f}, {phi:.1f} | {gaze_err:.2f} | {np.mean(dists):.3f} |")
+              f"{theta:.1f}, {phi:.1f} | {gaze_err:.2f} | {mgaze[:, 0].mean():.1f}, "
+              f"{mgaze[:, 1].mean():.1f} | {mgaze_err:.2f} | {np.mean(dists):.3f} |")
     return 0
 
 
