@@ -197,6 +197,10 @@ def train_config(size: str) -> ml_collections.ConfigDict:
     # first log step past it, saves, and reports stopped_early; running again resumes.
     # The learning-rate schedule still spans total_steps. 0 = no budget.
     t.max_minutes = 0.0
+    # A step whose metrics or updated state hold NaN/inf is discarded (the state stays as it
+    # was) and counted (train/skipped_steps); this many in a row stop the run with a
+    # checkpoint of the last good state (checked at log steps). 0 = never stop.
+    t.max_bad_steps = 10
     t.log_every = {"tiny": 10, "small": 50, "full": 100}[size]
     t.image_every = {"tiny": 100, "small": 1000, "full": 2500}[size]
     t.image_samples = 4  # batch rows shown in image summaries
@@ -214,6 +218,8 @@ def validate_train(t: ml_collections.ConfigDict) -> None:
     check(t.total_steps > 0, f"train.total_steps must be > 0, got {t.total_steps}")
     check(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
     check(t.max_minutes >= 0, f"train.max_minutes must be >= 0 (0 = off), got {t.max_minutes}")
+    check(isinstance(t.max_bad_steps, int) and t.max_bad_steps >= 0,
+          f"train.max_bad_steps must be an integer >= 0 (0 = never stop), got {t.max_bad_steps}")
     for name in ("image_every", "checkpoint_every", "keep_period"):
         check(t[name] >= 0, f"train.{name} must be >= 0 (0 = off), got {t[name]}")
     check(t.image_samples > 0, f"train.image_samples must be > 0, got {t.image_samples}")

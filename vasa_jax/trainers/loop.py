@@ -22,7 +22,8 @@ What `train` does, in order:
           train_state = nnx.merge(graphdef, state)
           metrics = stage.train_step(train_state, batch, rng, frozen)   # updates in place
           EMA update (stage.ema)
-          return nnx.state(train_state), metrics
+          ok = no NaN/inf in the metrics or the new state
+          return (new state if ok else the incoming one), metrics + {"train/skipped": !ok}
 
      `rng` is `fold_in(key(config.seed), step_index)`: deterministic across resumes. Frozen
      networks (`stage.frozen`, a pytree of arrays) are a separate replicated argument, never
@@ -33,6 +34,15 @@ What `train` does, in order:
      with the ETA (main process); labelled image grids every image_every steps; checkpoints
      every checkpoint_every steps (asynchronous) and at the end, each with the EMA module's
      weights as their own item (`checkpointing`: what inference restores).
+     Also per interval: perf/checkpoint_seconds (blocked in saves) and perf/compile_seconds;
+     at the end a goodput line (productive step time / wall time; the shares of compiling,
+     data wait and checkpointing), also in <workdir>/summary.jsonl and TrainResult.goodput.
+  5b. Bad steps: a step with a NaN/inf loss or update keeps the old state (selected on
+     device: no host sync), is left out of the logged means and counted in
+     train/skipped_steps (over the whole run). The per-step flags reach the host with the
+     metrics at log steps; once train.max_bad_steps steps in a row were bad, the run logs
+     one line saying so, saves (the state is the last good one) and returns with
+     stopped_early and stop_reason set.
   6. Stopping early: SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a
      checkpoint and returns; a second Ctrl-C aborts at once. With several processes, a
      cluster preemption notice (orbax `reached_preemption`) does the same, and a local
@@ -133,7 +143,12 @@ class TrainResult(NamedTuple):
     metrics: dict[str, float]  # the last logged metrics ({} if no step ran)
     compile_seconds: float | None  # lowering + compiling the step (None if no step ran)
     memory: dict[str, int]  # compiled.memory_analysis() fields, bytes per device
-    stopped_early: bool  # a signal or preemption ended the run before total_steps
+    stopped_early: bool  # a signal, preemption or train.max_bad_steps ended it early
+    skipped_steps: int = 0  # steps of the run (all calls) whose NaN/inf update was discarded
+    stop_reason: str = ""  # why the run stopped at a bad-step streak ("" otherwise)
+    # logger.goodput_summary of this call: wall seconds and the shares of productive steps,
+    # compiling, data wait and checkpointing (None when no step ran).
+    goodput: Mapping[str, float] | None = None
 
 
 # ------------------------------------------------------------------------------ pieces
@@ -257,17 +272,40 @@ def create_state(create_fn: Callable[[], Any], shardings: Any, mesh: Mesh, rules
     return lowered.compile(compiler_options)()
 
 
+SKIPPED = "train/skipped"  # the step's metric: 1.0 when its update was discarded, else 0.0
+SKIPPED_STEPS = "train/skipped_steps"  # logged: skipped steps of the run so far
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """bool scalar: no NaN/inf in any floating-point leaf of `tree` (True if it has none)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def make_step_fn(graphdef: Any, stage: Stage, seed: int) -> Callable:
-    """The functional step (state, batch, step_index, frozen) -> (state, metrics)."""
+    """The functional step (state, batch, step_index, frozen) -> (state, metrics).
+
+    A step whose metrics or new state (parameters, optimizer moments, EMA) hold a NaN/inf
+    returns the incoming state unchanged, selected on device (no host sync), and reports
+    metrics[SKIPPED] = 1.0; the stage's metrics are returned as computed.
+    """
 
     def step(state, batch, step_index, frozen):
+        old = jax.tree.leaves(state)  # the arrays: merged Variables are updated in place
         train_state = nnx.merge(graphdef, state)
         rng = jax.random.fold_in(jax.random.key(seed), step_index)
         metrics = stage.train_step(train_state, batch, rng, frozen)
         if stage.ema is not None:
             update_ema(getattr(train_state, stage.ema.target),
                        getattr(train_state, stage.ema.source), stage.ema.decay)
-        return nnx.state(train_state), metrics
+        new_state = nnx.state(train_state)
+        ok = jnp.logical_and(all_finite(metrics), all_finite(new_state))
+        leaves, treedef = jax.tree.flatten(new_state)
+        if len(leaves) != len(old):
+            raise ValueError("the stage's train_step added or removed state variables")
+        kept = [jnp.where(ok, n, o) for n, o in zip(leaves, old)]
+        return jax.tree.unflatten(treedef, kept), {**metrics, SKIPPED: 1.0 - ok.astype(jnp.float32)}
 
     return step
 
@@ -303,6 +341,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     compiler_options: XLA options for compiling the init and the step, e.g.
       `FAST_CPU_COMPILE` for smoke tests (3x faster CPU compiles, slower steps).
     """
+    call_start = time.perf_counter()
     distributed.maybe_initialize()
     t = config.train
     main = distributed.is_main_process()
@@ -345,8 +384,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         batch = sharding.global_batch({k: local[k] for k in stage.batch_keys}, batch_sharding)
         return batch, skipped
 
-    compile_seconds, memory, last_metrics, stopped = None, {}, {}, False
+    compile_seconds, memory, last_metrics, stopped, stop_reason = None, {}, {}, False, ""
     last_saved = step if checkpointer.latest_step() == step else None
+    first_step = step
+    # train/skipped_steps counts over the whole run: continued from the log on a resume.
+    skipped_steps = int(logger_lib.last_logged(workdir, SKIPPED_STEPS, step)) if main else 0
     try:
         if step >= t.total_steps:
             logging.info("nothing to do: step %d >= train.total_steps %d", step, t.total_steps)
@@ -358,7 +400,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             out_shardings=(shardings, replicated),
             donate_argnums=0,
         )
+        start = time.perf_counter()
         batch, skipped = next_batch()
+        first_wait = time.perf_counter() - start
         image_batch = batch  # image summaries always show the run's first examples
         step_index = np.int32(step)
         start = time.perf_counter()
@@ -375,6 +419,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         )
         image_fn = image_compiled = None  # compiled at the first image step
         make_images = stage.image_summary is not None and t.image_every > 0
+        # Seconds of this call, for the goodput summary (disjoint parts of its wall time),
+        # and of the current log interval (logged as perf/*).
+        totals = {"compile": compile_seconds, "data_wait": first_wait, "checkpoint": 0.0,
+                  "steps": 0.0}
+        interval = {"compile": compile_seconds, "checkpoint": 0.0}
 
         def write_images(at_step: int) -> None:
             nonlocal image_fn, image_compiled
@@ -386,6 +435,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 with sharding.mesh_rules(mesh, rules):
                     image_compiled = jitted.lower(abstract, image_batch, frozen).compile(
                         compiler_options)
+                compiled_in = time.perf_counter() - start
+                totals["compile"] += compiled_in
+                interval["compile"] += compiled_in
             rows = dict(zip(image_fn.row_names, _host(image_compiled(state, image_batch, frozen))))
             grid = logger_lib.image_grid(rows)
             paths = writer.write_images(at_step, {"samples": grid})
@@ -394,23 +446,72 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
         def save(at_step: int) -> None:
             nonlocal last_saved
+            start = time.perf_counter()
             # The EMA module again as its own item: what inference restores (the weights only).
             weights = state[stage.ema.target] if stage.ema is not None else None
             checkpointer.save(at_step, state, data_iter=data_iter, config=config,
                               weights=weights, force=True)
             last_saved = at_step
+            blocked = time.perf_counter() - start  # asynchronous: the device-to-host copy
+            totals["checkpoint"] += blocked
+            interval["checkpoint"] += blocked
 
         pending: list[Metrics] = []
+        max_bad = int(t.get("max_bad_steps", 10))
+        bad_streak, diverged = 0, False  # consecutive skipped steps, up to the last log step
         budget = 60.0 * float(t.get("max_minutes", 0.0))  # 0 = no time budget
         loop_start = time.perf_counter()
         interval_start, data_wait, excluded = time.perf_counter(), 0.0, 0.0
         interval_skipped = skipped
+
+        def log_interval() -> None:
+            """Logs the metrics of the steps in `pending` (one host transfer) and counts
+            their skipped steps; sets `diverged` once max_bad of them came in a row."""
+            nonlocal pending, last_metrics, interval_start, data_wait, excluded
+            nonlocal interval_skipped, skipped_steps, bad_streak, diverged
+            host = _host(pending)
+            bad = [bool(m[SKIPPED] > 0) for m in host]
+            for b in bad:
+                bad_streak = bad_streak + 1 if b else 0
+                diverged = diverged or (max_bad > 0 and bad_streak >= max_bad)
+            skipped_steps += sum(bad)
+            totals["skipped"] = totals.get("skipped", 0) + sum(bad)
+            good = [m for m, b in zip(host, bad) if not b] or host  # NaN means if all bad
+            means = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k != SKIPPED}
+            wall = time.perf_counter() - interval_start - excluded
+            totals["steps"] += max(0.0, wall - data_wait)
+            step_seconds = wall / len(pending)
+            share = min(1.0, data_wait / wall) if wall > 0 else 0.0
+            last_metrics = {
+                **means, "perf/step_seconds": step_seconds, "perf/data_wait": share,
+                "perf/checkpoint_seconds": interval["checkpoint"],
+                "perf/compile_seconds": interval["compile"],
+                "data/skipped_records": float(interval_skipped),
+                SKIPPED_STEPS: float(skipped_steps),
+            }
+            writer.write_scalars(step, last_metrics)
+            if main:
+                logging.info(logger_lib.progress_line(
+                    step, t.total_steps, means, step_seconds=step_seconds,
+                    data_wait=share, eta_seconds=step_seconds * (t.total_steps - step),
+                    keys=stage.progress_keys))
+                if any(bad):
+                    logging.warning("%d of the last %d steps had a NaN/inf loss or update and "
+                                    "were skipped (%d in this run)", sum(bad), len(bad),
+                                    skipped_steps)
+            pending = []
+            interval_start, data_wait, excluded = time.perf_counter(), 0.0, 0.0
+            interval_skipped = 0
+            interval.update(compile=0.0, checkpoint=0.0)
+
         with _StopRequest() as stop:
             while step < t.total_steps:
                 if batch is None:
                     start = time.perf_counter()
                     batch, skipped = next_batch()
-                    data_wait += time.perf_counter() - start
+                    waited = time.perf_counter() - start
+                    data_wait += waited
+                    totals["data_wait"] += waited
                     interval_skipped += skipped
                 state, metrics = compiled(state, batch, np.int32(step), frozen)
                 batch = None
@@ -419,26 +520,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
                 log_now = step % t.log_every == 0 or step == t.total_steps
                 if log_now:
-                    host = _host(pending)
-                    means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                    wall = time.perf_counter() - interval_start - excluded
-                    step_seconds = wall / len(pending)
-                    share = min(1.0, data_wait / wall) if wall > 0 else 0.0
-                    last_metrics = {
-                        **means, "perf/step_seconds": step_seconds, "perf/data_wait": share,
-                        "data/skipped_records": float(interval_skipped),
-                    }
-                    writer.write_scalars(step, last_metrics)
-                    if main:
-                        logging.info(logger_lib.progress_line(
-                            step, t.total_steps, means, step_seconds=step_seconds,
-                            data_wait=share, eta_seconds=step_seconds * (t.total_steps - step),
-                            keys=stage.progress_keys))
-                    pending = []
-                    interval_start, data_wait, excluded = time.perf_counter(), 0.0, 0.0
-                    interval_skipped = 0
+                    log_interval()
 
                 start = time.perf_counter()
+                if diverged:
+                    stop_reason = (
+                        f"stopped at step {step}: {max_bad} steps in a row had a NaN/inf loss "
+                        f"or update (train.max_bad_steps={max_bad}; {skipped_steps} skipped in "
+                        "all); their updates were discarded, so the checkpoint holds the last "
+                        "good state: lower the learning rate or check the data, then resume")
+                    logging.error(stop_reason)
+                    stopped = step < t.total_steps
+                    break
                 if make_images and (step % t.image_every == 0 or step == t.total_steps):
                     write_images(step)
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
@@ -455,15 +548,32 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                     stop_now = stop.requested or out_of_time
                 else:
                     stop_now = log_now and _all_agree_to_stop(stop.requested or out_of_time)
-                if (stop_now or checkpointer.reached_preemption(step)) and step < t.total_steps:
+                preempted = checkpointer.reached_preemption(step)
+                excluded += time.perf_counter() - start
+                if (stop_now or preempted) and step < t.total_steps:
                     logging.warning("stopping early at step %d", step)
                     stopped = True
                     break
-                excluded += time.perf_counter() - start
+        if pending:  # stopped between log steps: the partial interval
+            log_interval()
 
         if last_saved != step:  # the final (or stop-time) checkpoint
             save(step)
-        return TrainResult(step, graphdef, state, last_metrics, compile_seconds, memory, stopped)
+        start = time.perf_counter()
+        checkpointer.wait()
+        totals["checkpoint"] += time.perf_counter() - start
+        ran = step - first_step
+        goodput = logger_lib.goodput_summary(
+            wall=time.perf_counter() - call_start,
+            productive=totals["steps"] * (ran - totals.get("skipped", 0)) / max(ran, 1),
+            compile=totals["compile"], data_wait=totals["data_wait"],
+            checkpoint=totals["checkpoint"])
+        if main:
+            logging.info(logger_lib.goodput_line(goodput, first_step, step))
+        writer.write_summary(step, {"start_step": first_step, "skipped_steps": skipped_steps,
+                                    **goodput})
+        return TrainResult(step, graphdef, state, last_metrics, compile_seconds, memory, stopped,
+                           skipped_steps, stop_reason, goodput)
     finally:
         checkpointer.close()  # waits for pending asynchronous saves
         writer.close()
