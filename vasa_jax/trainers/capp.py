@@ -1,0 +1,100 @@
+"""Trains CAPP, the contrastive audio-pose model (vasa_jax.models.capp), in the shared loop.
+
+    python train.py --config configs/capp.py:size=tiny --workdir runs/capp \
+        --config.data.path=data/synthtalk
+
+Each example is a 3-second window of a clip from the stage-2 loader
+(`data_pipeline.loaders.stage2_dataset`, no context): its motion (data.motion_source; the
+model reads the model.pose_dims columns) and its audio features. One jitted step:
+normalise both with the train split's per-dimension statistics (the same
+`data_pipeline.stats.Normalization` stage 2 uses, kept in <workdir>/normalization.json for
+the evaluators), embed, symmetric InfoNCE over the batch (`capp.clip_loss`), AdamW; the
+loop keeps an EMA of the model, which is what the evaluators restore.
+
+Logged: loss/total, accuracy (in-batch top-1 retrieval), cos/positive, cos/negative,
+logit_scale, grad_norm, lr.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from data_pipeline import stats as stats_lib
+from data_pipeline.loaders import stage2_dataset
+from vasa_jax import optim
+from vasa_jax.models import capp
+from vasa_jax.trainers import loop
+from vasa_jax.trainers.motion_dit import load_normalization
+
+BATCH_KEYS = ("motion", "audio")
+PROGRESS_KEYS = ("loss/total", "accuracy", "cos/positive")
+
+
+class TrainState(nnx.Module):
+    """The model, its EMA copy and its optimizer."""
+
+    def __init__(self, config: ml_collections.ConfigDict, pose_dim: int, audio_dim: int):
+        rngs = nnx.Rngs(config.seed)
+        self.model = capp.CAPP(config.model, pose_dim, audio_dim, rngs=rngs)
+        self.ema = nnx.clone(self.model)
+        self.opt = nnx.Optimizer(
+            self.model, optim.build_optimizer(config.optim, config.train.total_steps),
+            wrt=nnx.Param)
+
+
+def make_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> loop.Stage:
+    """The CAPP stage for the shared loop (normalisation computed/loaded here)."""
+    norm: stats_lib.Normalization = load_normalization(config, workdir)
+    columns = capp.pose_columns(config.model.pose_dims, norm.motion_dim)
+    audio_dim = norm.audio_dim
+    lr_schedule = optim.learning_rate_schedule(config.optim, config.train.total_steps)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(nnx.eval_shape(
+        lambda: capp.CAPP(config.model, len(columns), audio_dim, rngs=nnx.Rngs(0))), nnx.Param)))
+    logging.info("CAPP: pose %s, audio %s (%d dims); %.2fM parameters",
+                 list(config.model.pose_dims), config.data.audio_source, audio_dim, count / 1e6)
+
+    def train_step(ts: TrainState, batch, rng, frozen):
+        motion = jnp.asarray(batch["motion"])[..., jnp.asarray(columns)]  # [B, W, P]
+        pose, audio = capp.normalized_inputs(motion, batch["audio"], frozen, columns)
+        graphdef, params, rest = nnx.split(ts.model, nnx.Param, ...)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, rest)
+            pose_emb, audio_emb = model(pose, audio, rng)
+            loss, metrics = capp.clip_loss(pose_emb, audio_emb, model.scale())
+            return loss, metrics
+
+        step = ts.opt.step[...]
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        ts.opt.update(ts.model, grads)
+        return {"loss/total": loss, **metrics, "logit_scale": ts.model.scale(),
+                "grad_norm": optax.global_norm(grads), "lr": lr_schedule(step)}
+
+    return loop.Stage(
+        create_state=lambda: TrainState(config, len(columns), audio_dim),
+        train_step=train_step,
+        make_dataset=lambda index, n: stage2_dataset(
+            config.data, process_index=index, process_count=n),
+        batch_keys=BATCH_KEYS,
+        frozen=norm.arrays(),
+        image_summary=None,
+        ema=loop.EMA(source="model", target="ema", decay=config.train.ema_decay),
+        progress_keys=PROGRESS_KEYS,
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       compiler_options=None) -> loop.TrainResult:
+    """Trains CAPP in `workdir` (resuming from its latest checkpoint, if any)."""
+    os.makedirs(workdir, exist_ok=True)
+    return loop.train(config, workdir, functools.partial(make_stage, workdir=workdir),
+                      compiler_options=compiler_options)
