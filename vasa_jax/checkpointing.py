@@ -210,16 +210,22 @@ class Checkpointer:
         written before it existed do not)."""
         return (self.directory / str(self._step(step)) / WEIGHTS).exists()
 
-    def restore_weights(self, target: Any, step: int | None = None) -> Any:
+    def restore_weights(self, target: Any = None, step: int | None = None) -> Any:
         """Only the inference weights of `step` (default: latest), placed and cast like
         `target` (an nnx.State, e.g. the abstract state of the module, or a nested dict of
-        arrays / ShapeDtypeStructs; see `load_params`). Raises FileNotFoundError if the step
-        has no weights item."""
+        arrays / ShapeDtypeStructs; see `load_params`). target None: a nested dict of
+        arrays on this process's first local device, with the stored shapes and dtypes.
+        Raises FileNotFoundError if the step has no weights item."""
         step = self._step(step)
         if not self.has_weights(step):
             raise FileNotFoundError(
                 f"checkpoint step {step} in {self.directory} has no {WEIGHTS!r} item (written "
                 "before the trainer saved one): restore the whole train state instead")
+        if target is None:
+            stored = self._manager.item_metadata(step)[WEIGHTS]
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                  getattr(stored, "tree", stored))
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _pure(target))
         args = ocp.args.Composite(**{WEIGHTS: ocp.args.StandardRestore(abstract)})
         restored = self._manager.restore(step, args=args)[WEIGHTS]

@@ -169,9 +169,10 @@ class MetricWriter:
         """One summary.jsonl line {"step": step, **record}; TensorBoard scalars summary/*."""
         if not self.enabled:
             return
+        values = {k: int(v) if isinstance(v, (int, np.integer)) else float(v)
+                  for k, v in record.items()}
         with open(os.path.join(self.workdir, SUMMARY_FILE), "a") as f:
-            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in record.items()}})
-                    + "\n")
+            f.write(json.dumps({"step": int(step), **values}) + "\n")
         for name, value in record.items():
             self._tb.add_scalar(f"summary/{name}", float(value), int(step))
 

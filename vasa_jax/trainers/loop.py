@@ -422,7 +422,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         # Seconds of this call, for the goodput summary (disjoint parts of its wall time),
         # and of the current log interval (logged as perf/*).
         totals = {"compile": compile_seconds, "data_wait": first_wait, "checkpoint": 0.0,
-                  "steps": 0.0}
+                  "steps": 0.0, "skipped": 0}
         interval = {"compile": compile_seconds, "checkpoint": 0.0}
 
         def write_images(at_step: int) -> None:
@@ -475,7 +475,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 bad_streak = bad_streak + 1 if b else 0
                 diverged = diverged or (max_bad > 0 and bad_streak >= max_bad)
             skipped_steps += sum(bad)
-            totals["skipped"] = totals.get("skipped", 0) + sum(bad)
+            totals["skipped"] += sum(bad)
             good = [m for m, b in zip(host, bad) if not b] or host  # NaN means if all bad
             means = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k != SKIPPED}
             wall = time.perf_counter() - interval_start - excluded
@@ -522,6 +522,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 if log_now:
                     log_interval()
 
+                save_now = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+                images_now = make_images and (step % t.image_every == 0
+                                              or step == t.total_steps)
+                if save_now or images_now:  # the device finishing its steps is step time
+                    jax.block_until_ready(state)
                 start = time.perf_counter()
                 if diverged:
                     stop_reason = (
@@ -532,9 +537,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                     logging.error(stop_reason)
                     stopped = step < t.total_steps
                     break
-                if make_images and (step % t.image_every == 0 or step == t.total_steps):
+                if images_now:
                     write_images(step)
-                if t.checkpoint_every and step % t.checkpoint_every == 0:
+                if save_now:
                     save(step)
                 # train.max_minutes: checked at log steps, so all processes agree on it.
                 out_of_time = (budget > 0 and log_now
@@ -565,7 +570,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         ran = step - first_step
         goodput = logger_lib.goodput_summary(
             wall=time.perf_counter() - call_start,
-            productive=totals["steps"] * (ran - totals.get("skipped", 0)) / max(ran, 1),
+            productive=totals["steps"] * (ran - totals["skipped"]) / max(ran, 1),
             compile=totals["compile"], data_wait=totals["data_wait"],
             checkpoint=totals["checkpoint"])
         if main:
