@@ -11,7 +11,8 @@ the size in dataset.json, its split / fps / sample rate match, its labels and fe
 finite. Then it measures lip sync of the ground truth: Pearson r between `mouth_open` and
 the audio RMS envelope per video frame (frame t covers samples [t*sr/fps, (t+1)*sr/fps)),
 pooled over all clips, at the best lag within +-3 frames. The last line printed is
-``mouth-audio correlation: X``. Exit status 1 if a record is broken, r < 0.6 or no clip
+``mouth-audio correlation: X``. Damaged shard files (truncated, corrupted chunks) are
+listed with the broken records. Exit status 1 if a record is broken, r < 0.6 or no clip
 has mouth_open labels; 2 if DIR is not a dataset.
 """
 
@@ -145,7 +146,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    import grain
     from tqdm import tqdm
 
     try:
@@ -176,7 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats = {}
     for split, paths in shards.items():
         s = stats[split] = _SplitStats(shards=len(paths))
-        sources = [grain.sources.ArrayRecordDataSource([p]) for p in paths]
+        sources = [schema.read_records([p]) for p in paths]
+        for src in sources:
+            for path, reason in src.broken.items():  # cannot be opened: no record counted
+                broken.append(f"{os.path.basename(path)}: damaged shard, not read ({reason})")
         with tqdm(total=sum(len(src) for src in sources), desc=f"{split} records",
                   unit="rec", disable=args.no_progress, file=sys.stderr) as bar:
             for path, src in zip(paths, sources):

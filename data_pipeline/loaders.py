@@ -23,8 +23,15 @@ writes (two ints per clip: ~4 MB of JSON for 500K clips, read once when the data
 built). A shard without a valid sidecar is scanned once with `read_record_header` (reads
 the whole shard, so it is logged as a warning).
 
+**Damaged shards.** A shard file that cannot be opened (truncated, overwritten) is left out
+when the dataset is built, with a warning naming the file and how many records it held
+(`ClipIndex.broken`); if no shard of the split is left, that is an error. A record that its
+shard cannot deliver (a corrupted chunk) is an unusable record like those below, and its
+`Skipped` reason names the file.
+
 **Unusable records** (bad msgpack, undecodable frame, inconsistent lengths, missing labels
-the dataset declares, clips shorter than the index said) never crash the pipeline: the map
+the dataset declares, clips shorter than the index said, unreadable bytes) never crash the
+pipeline: the map
 returns a `Skipped` marker, `_CountSkipped` drops it and adds its count to the next
 example's ``num_skipped``. So every batch carries ``num_skipped`` int32 [B]; its sum is the
 number of records skipped while that batch was made (log it). More than
@@ -76,29 +83,21 @@ MOTION_LABEL_DIM = T.MOTION_LABEL_DIM
 @dataclasses.dataclass(frozen=True)
 class ClipIndex:
     """Light per-record metadata of one split, in global record order (shards concatenated).
-    `source`: where the records are read instead of `paths` (a TFDS ClipSource), or None."""
+    `source`: where the records are read instead of `paths` (a TFDS ClipSource), or None.
+    `broken`: {path: reason} of the split's shards that could not be opened (left out of
+    `paths` and of the record order)."""
 
     paths: tuple[str, ...]
     identity_id: np.ndarray  # int64 [R]; -1 where the record header is unreadable
     num_frames: np.ndarray  # int64 [R]; 0 where the record header is unreadable
     source: Any = None
+    broken: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.identity_id)
 
 
-def _num_records(path: str) -> int:
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    reader = ArrayRecordReader(path)
-    try:
-        return int(reader.num_records())
-    finally:
-        reader.close()
-
-
-def _scan_shard(path: str) -> dict[str, np.ndarray]:
-    source = grain.sources.ArrayRecordDataSource([path])
+def _scan_shard(source: schema.ShardRecords) -> dict[str, np.ndarray]:
     ids, frames = [], []
     for i in range(len(source)):
         try:
@@ -112,7 +111,10 @@ def _scan_shard(path: str) -> dict[str, np.ndarray]:
 
 
 def load_clip_index(directory: str, split: str) -> ClipIndex:
-    """Reads the split's shard sidecars (scanning shards that have none)."""
+    """Reads the split's shard sidecars (scanning shards that have none); damaged shards
+    are left out with a warning (`ClipIndex.broken`)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"dataset folder {directory!r} does not exist or is not a folder")
     try:
         paths = schema.list_shards(directory, split)
     except FileNotFoundError:
@@ -122,19 +124,30 @@ def load_clip_index(directory: str, split: str) -> ClipIndex:
             f"no {split!r} shards ({split}-*{schema.SHARD_SUFFIX}) in {directory!r}; "
             f"splits present: {found or 'none'}"
         ) from None
-    ids, frames = [], []
+    ids, frames, good, broken = [], [], [], {}
     for path in paths:
         index = schema.read_shard_index(path)
-        count = _num_records(path)
+        shard = schema.read_records([path])
+        if shard.broken:
+            broken[path] = shard.broken[path]
+            logging.warning("skipping damaged shard %s (%s records left out): %s", path,
+                            "?" if index is None else len(index["identity_id"]), broken[path])
+            continue
+        count = len(shard)
         if index is None or len(index["identity_id"]) != count:
             logging.warning(
                 "%s: no valid %s sidecar; scanning its %d records (slow for big shards; "
                 "shards written by schema.ShardWriter have one)", path, schema.INDEX_SUFFIX, count,
             )
-            index = _scan_shard(path)
+            index = _scan_shard(shard)
+        good.append(path)
         ids.append(index["identity_id"])
         frames.append(index["num_frames"])
-    return ClipIndex(tuple(paths), np.concatenate(ids), np.concatenate(frames))
+    if not good:
+        raise ValueError(f"every {split!r} shard of {directory!r} is damaged (first: "
+                         f"{paths[0]}: {broken[paths[0]]}); run `python -m data_pipeline.inspect "
+                         f"{directory} --check`")
+    return ClipIndex(tuple(good), np.concatenate(ids), np.concatenate(frames), broken=broken)
 
 
 def _glob_shards(directory: str) -> list[str]:
@@ -147,19 +160,23 @@ class ClipRecords:
     A grain data source (len + getitem, picklable to workers). `read` gives any record of
     the split by its global index (stage 1 reads cross-identity clips with it). Records come
     from the shard files `paths`, or from `source` (len + getitem -> record bytes).
+    A record that cannot be read comes as its CorruptRecordError instead of bytes (the map
+    skips it: `_decode`); `read` raises it.
     """
 
     def __init__(self, paths: tuple[str, ...], record_ids: np.ndarray, source: Any = None):
-        self._source = (grain.sources.ArrayRecordDataSource(list(paths)) if source is None
-                        else source)
+        self._source = schema.read_records(paths) if source is None else source
         self._ids = np.asarray(record_ids, np.int64)
 
     def __len__(self) -> int:
         return len(self._ids)
 
-    def __getitem__(self, i: int) -> tuple[int, bytes]:
+    def __getitem__(self, i: int) -> tuple[int, bytes | schema.CorruptRecordError]:
         rid = int(self._ids[i])
-        return rid, self._source[rid]
+        try:
+            return rid, self._source[rid]
+        except schema.CorruptRecordError as e:  # a damaged shard: the map skips and counts it
+            return rid, e
 
     def read(self, record_id: int) -> bytes:
         return self._source[int(record_id)]
@@ -224,6 +241,13 @@ class _CountSkipped(grain.IterDataset):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _decode(data: bytes | schema.CorruptRecordError) -> schema.Clip:
+    """`schema.decode_clip`, or the read error `ClipRecords` passed on, raised."""
+    if isinstance(data, schema.CorruptRecordError):
+        raise data
+    return schema.decode_clip(data)
 
 
 def _check_labels(clip: schema.Clip, names: tuple[str, ...]) -> None:
@@ -322,7 +346,7 @@ class Stage1Sample(grain.transforms.RandomMap):
     def random_map(self, element: tuple[int, bytes], rng: np.random.Generator):
         record_id, data = element
         try:
-            clip = schema.decode_clip(data)
+            clip = _decode(data)
             _check_labels(clip, self._label_names)
             if clip.num_frames < 2:
                 raise schema.CorruptRecordError(f"{clip.clip_id}: needs >= 2 frames")
@@ -546,7 +570,7 @@ class Stage2Window(grain.transforms.RandomMap):
     def random_map(self, element: tuple[int, bytes], rng: np.random.Generator):
         record_id, data = element
         try:
-            clip = schema.decode_clip(data)
+            clip = _decode(data)
             _check_labels(clip, self._label_names)
             starts = T.window_starts(clip.num_frames, self._window, self._context)
             if len(starts) == 0:
@@ -745,6 +769,8 @@ def read_frames(directory: str, split: str, size: int, *, frames_per_clip: int =
     augmentation), resized to size x size: held-out sets for the helper networks'
     evaluations. Unreadable records are skipped with a warning."""
     source = schema.read_records(schema.list_shards(directory, split))
+    for path, reason in source.broken.items():
+        logging.warning("read_frames: skipping damaged shard %s: %s", path, reason)
     n = len(source) if max_clips is None else min(len(source), max_clips)
     images, identity, clips, labels = [], [], [], []
     for r in range(n):

@@ -67,6 +67,7 @@ shifts and distance changes of a talking head keep the eyes and mouth inside the
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import glob
 import json
@@ -366,6 +367,9 @@ class DatasetInfo:
 
     @classmethod
     def load(cls, directory: str) -> "DatasetInfo":
+        if not directory:
+            raise FileNotFoundError("no dataset folder given (an empty path): pass a "
+                                    "clip-record dataset folder, e.g. --config.data.path=DIR")
         path = os.path.join(directory, DATASET_INFO)
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -501,8 +505,60 @@ def write_clips(directory: str, clips: Sequence[Clip], num_shards: int = 1) -> d
     return counts
 
 
-def read_records(paths: Sequence[str]) -> "Any":
-    """Random-access source of raw record bytes over shard files (a grain data source)."""
-    import grain
+class ShardRecords:
+    """Random-access source of raw record bytes over shard files (a grain data source: len +
+    getitem, picklable), robust to damaged files.
 
-    return grain.sources.ArrayRecordDataSource(list(paths))
+    A shard that cannot be opened (truncated, overwritten, not an ArrayRecord file) is left
+    out: `paths` holds the shards that are read, in order, and `broken` {path: reason} the
+    others. A record that cannot be read (a corrupted chunk) raises CorruptRecordError naming
+    its file, so readers skip and count it like any other unusable record.
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        import grain
+
+        self.paths: list[str] = []
+        self.broken: dict[str, str] = {}
+        self._sources = []
+        self._starts = [0]  # global index of each read shard's first record, then the total
+        for path in paths:
+            try:
+                source = grain.sources.ArrayRecordDataSource([path])
+                count = len(source)
+            except RuntimeError as e:  # riegeli's error for a damaged file
+                self.broken[path] = " ".join(str(e).split())
+                continue
+            self.paths.append(path)
+            self._sources.append(source)
+            self._starts.append(self._starts[-1] + count)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _shard(self, index: int) -> int:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        return bisect.bisect_right(self._starts, index) - 1
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """(shard path, record number in that shard) of global record `index`."""
+        k = self._shard(int(index))
+        return self.paths[k], int(index) - self._starts[k]
+
+    def __getitem__(self, index: int) -> bytes:
+        k = self._shard(int(index))
+        position = int(index) - self._starts[k]
+        try:
+            return self._sources[k][position]
+        except RuntimeError as e:
+            raise CorruptRecordError(f"{self.paths[k]} record {position}: unreadable "
+                                     f"({' '.join(str(e).split())})") from None
+
+    def __repr__(self) -> str:
+        return f"ShardRecords({len(self.paths)} shards, {len(self)} records)"
+
+
+def read_records(paths: Sequence[str]) -> ShardRecords:
+    """Random-access source of raw record bytes over shard files (see ShardRecords)."""
+    return ShardRecords(paths)
