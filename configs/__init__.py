@@ -8,6 +8,7 @@ On the command line configs come through absl's config_flags (see train.py). Fro
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 import importlib.util
 import os
@@ -39,24 +40,54 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def get_config(spec: str) -> ml_collections.ConfigDict:
+    """'path.py[:arg]' -> the config file's `get_config(arg)`, not validated. A missing file
+    or a bad variant argument is a ConfigError."""
+    path, _, arg = spec.partition(":")
+    return _module_for(path).get_config(arg or None)
+
+
+def unknown_field(config: ml_collections.ConfigDict, field: str) -> str | None:
+    """None if the dotted `field` ("optim.lr") names a field of `config`; else a one-line
+    message naming it and the closest valid names."""
+    parts = field.split(".")
+    node = config
+    for depth, part in enumerate(parts):
+        if isinstance(node, ml_collections.ConfigDict) and part in node:
+            node = node[part]
+            continue
+        section = ".".join(parts[:depth])
+        prefix = section + "." if section else ""
+        names = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        if not names:
+            return f"unknown config field {field!r}: {section!r} is a value, not a section"
+        close = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
+        if close:
+            return (f'unknown config field {field!r}. Did you mean "{close[0]}"? Closest valid '
+                    f"names: {', '.join(prefix + c for c in close)}")
+        return (f"unknown config field {field!r}; {section or 'the config'} has "
+                f"{', '.join(prefix + n for n in names)}")
+    return None
+
+
 def load(spec: str, **overrides) -> ml_collections.ConfigDict:
     """'path.py[:arg]' -> locked, validated ConfigDict.
 
     Overrides use '__' for nesting: `data__path="/x"` sets config.data.path.
     Unknown fields raise (the config is locked), as on the command line.
     """
-    path, _, arg = spec.partition(":")
-    config = _module_for(path).get_config(arg or None)
+    config = get_config(spec)
     config.lock()
     for key, value in overrides.items():
+        field = key.replace("__", ".")
+        message = unknown_field(config, field)
+        if message:
+            raise ConfigError(message)
         *parents, leaf = key.split("__")
         node = config
         for p in parents:
             node = node[p]
-        try:
-            setattr(node, leaf, value)
-        except AttributeError as e:
-            raise ConfigError(f"unknown config field {key.replace('__', '.')!r}") from e
+        setattr(node, leaf, value)
     return validate(config)
 
 

@@ -30,7 +30,6 @@ labels, grad_norm, update_norm, lr, and the share of kept conditions.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -227,6 +226,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     compiler_options: XLA options for the step (e.g. loop.FAST_CPU_COMPILE in tests).
     """
-    os.makedirs(workdir, exist_ok=True)
     return loop.train(config, workdir, functools.partial(make_stage, workdir=workdir),
                       compiler_options=compiler_options)
