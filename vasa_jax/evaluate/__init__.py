@@ -23,6 +23,7 @@ EVALUATORS = {
     "face_latent": "vasa_jax.evaluate.face_latent",  # stage 1 (VASA-1 sec 3.1)
     "motion": "vasa_jax.evaluate.motion",  # stage 2 (VASA-1 sec 3.2)
     "capp": "vasa_jax.evaluate.capp",  # the contrastive audio-pose model (sec 4.2)
+    "videos": "vasa_jax.evaluate.videos",  # sets of mp4s: Table 1 and more (sec 4.2)
 }
 
 
