@@ -45,6 +45,9 @@ def test_short_training_reads_the_held_out_mouth(trained):
     # (testdata draws no gaze: those targets are noise, so single-batch losses are noisy.)
     assert [h["step"] for h in meta["history"]] == [20, 40, 60]
     assert meta["model"]["image_size"] == IMAGE_SIZE and meta["train"]["steps"] == STEPS
+    # Balanced loss: each column weighted by 1 / its variance in the first batches (mean 1).
+    w = np.array([meta["train"]["column_weights"][k] for k in em.OUTPUT_COLUMNS])
+    assert np.all(w > 0) and abs(w.mean() - 1.0) < 1e-4 and np.ptp(w) > 0.05, w
 
 
 def test_save_load_round_trip_and_frozen_meter(trained):

@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import time
@@ -64,7 +65,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from vasa_jax import cli
+from vasa_jax import cli, optim
 from vasa_jax.models.layers import Conv, Dense, avg_pool
 
 CONFIG_FILE = "expression_meter.json"
@@ -274,6 +275,12 @@ class TrainSettings:
     log_every: int = 100
     eval_frames_per_clip: int = 10
     eval_max_clips: int = 2000
+    # Weigh each output column's squared error by 1 / its variance over the first
+    # `balance_batches` batches, so every column counts alike whatever its units: with a
+    # plain MSE the gaze columns (SynthTalk's gaze std ~12 degrees = 0.6 output units)
+    # outweighed the mouth (std 0.24) 6 to 1 and the mouth reading fell from r 0.86 to 0.71
+    # (docs/experiments.md, "gaze"). 0 = plain MSE.
+    balance_batches: int = 20
 
 
 def _data_config(data_dir: str, image_size: int, batch_size: int, num_workers: int, seed: int):
@@ -310,16 +317,30 @@ def train(data_dir: str, out_dir: str, *, config: ExpressionMeterConfig = Expres
 
     net = ExpressionMeterNet(config, rngs=nnx.Rngs(settings.seed))
     graphdef, params = nnx.split(net, nnx.Param)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, settings.lr, min(settings.warmup_steps, settings.steps // 2 + 1), settings.steps,
-        end_value=settings.lr * 0.01)
+    schedule = optim.short_run_schedule(settings.lr, settings.warmup_steps, settings.steps)
     optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
     opt_state = optimizer.init(params)
+
+    def batch_arrays(batch) -> tuple[np.ndarray, np.ndarray]:
+        parts = ("source", "driving", "cross")
+        return (np.concatenate([batch[p] for p in parts]),
+                np.concatenate([targets_from_labels(batch["labels"][p], config.gaze_scale)
+                                for p in parts]))
+
+    batches = iter(loaders.stage1_dataset(data_cfg))
+    first = [next(batches) for _ in range(min(settings.balance_batches, settings.steps))]
+    weights = np.ones(len(OUTPUT_COLUMNS), np.float32)
+    if first:
+        var = np.var(np.concatenate([batch_arrays(b)[1] for b in first]), axis=0)
+        weights = 1.0 / np.maximum(var, 1e-4)
+        weights = (weights / weights.mean()).astype(np.float32)
+    logging.info("expression meter column weights %s",
+                 dict(zip(OUTPUT_COLUMNS, np.round(weights, 3).tolist())))
 
     def loss_fn(params, images, targets, key):
         images = _augment(images, key, 0.0, settings.blur_prob)  # no flips: gaze has a side
         pred = nnx.merge(graphdef, params)(images)
-        return jnp.mean(jnp.square(pred - targets))
+        return jnp.mean(jnp.square(pred - targets) * weights)
 
     @jax.jit
     def train_step(params, opt_state, images, targets, key):
@@ -327,14 +348,10 @@ def train(data_dir: str, out_dir: str, *, config: ExpressionMeterConfig = Expres
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    ds = loaders.stage1_dataset(data_cfg)
     key = jax.random.key(settings.seed)
     start, history = time.perf_counter(), []
-    for step, batch in zip(range(1, settings.steps + 1), iter(ds)):
-        parts = ("source", "driving", "cross")
-        images = np.concatenate([batch[p] for p in parts])
-        targets = np.concatenate([targets_from_labels(batch["labels"][p], config.gaze_scale)
-                                  for p in parts])
+    for step, batch in zip(range(1, settings.steps + 1), itertools.chain(first, batches)):
+        images, targets = batch_arrays(batch)
         key, sub = jax.random.split(key)
         params, opt_state, loss = train_step(params, opt_state, images, targets, sub)
         if step % settings.log_every == 0 or step == settings.steps:
@@ -357,7 +374,8 @@ def train(data_dir: str, out_dir: str, *, config: ExpressionMeterConfig = Expres
         logging.info("expression meter held-out: %s", metrics)
     meta = {
         "train": {**dataclasses.asdict(settings), "data": os.path.abspath(data_dir),
-                  "seconds": train_seconds},
+                  "seconds": train_seconds,
+                  "column_weights": dict(zip(OUTPUT_COLUMNS, weights.tolist()))},
         "history": history,
         "metrics": metrics,
         "output_columns": list(OUTPUT_COLUMNS),
@@ -385,15 +403,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=TrainSettings.seed)
     p.add_argument("--num_workers", type=int, default=TrainSettings.num_workers)
     p.add_argument("--log_every", type=int, default=TrainSettings.log_every)
+    p.add_argument("--balance_batches", type=int, default=TrainSettings.balance_batches,
+                   help="batches that set each output's loss weight (1 / variance); 0 = MSE")
     args = parser.parse_args(argv)
 
     def run() -> dict[str, Any]:
+        cli.check_output(args.out, "--out folder")  # before training, not after
         config = ExpressionMeterConfig(
             image_size=args.size, channels=tuple(int(c) for c in args.channels.split(",")),
             hidden=args.hidden)
         settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                  warmup_steps=args.warmup_steps, seed=args.seed,
-                                 num_workers=args.num_workers, log_every=args.log_every)
+                                 num_workers=args.num_workers, log_every=args.log_every,
+                                 balance_batches=args.balance_batches)
         return train(args.data, args.out, config=config, settings=settings)[1]
 
     return cli.run_training(run)
