@@ -33,6 +33,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 TRAINERS = {
     "face_latent": "vasa_jax.trainers.face_latent:train_and_evaluate",
     "motion_dit": "vasa_jax.trainers.motion_dit:train_and_evaluate",
+    "capp": "vasa_jax.trainers.capp:train_and_evaluate",
 }
 NOT_BUILT: dict[str, str] = {}
 
