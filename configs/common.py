@@ -197,9 +197,9 @@ def train_config(size: str) -> ml_collections.ConfigDict:
     # first log step past it, saves, and reports stopped_early; running again resumes.
     # The learning-rate schedule still spans total_steps. 0 = no budget.
     t.max_minutes = 0.0
-    # A step whose metrics or updated state hold NaN/inf is discarded (the state stays as it
-    # was) and counted (train/skipped_steps); this many in a row stop the run with a
-    # checkpoint of the last good state (checked at log steps). 0 = never stop.
+    # A step whose metrics (losses, gradient norms) hold a NaN/inf is discarded (the state
+    # stays as it was) and counted (train/skipped_steps); this many in a row stop the run
+    # with a checkpoint of the last good state (checked at log steps). 0 = never stop.
     t.max_bad_steps = 10
     t.log_every = {"tiny": 10, "small": 50, "full": 100}[size]
     t.image_every = {"tiny": 100, "small": 1000, "full": 2500}[size]

@@ -17,7 +17,9 @@ import time
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -91,6 +93,32 @@ def test_nan_steps_are_discarded_counted_and_logged(tmp_path):
     assert [records[s]["train/skipped_steps"] for s in (5, 6)] == [2, 2]
     assert np.isfinite(records[6]["loss"])
     assert int(nnx.merge(more.graphdef, more.state).opt.step[...]) == 4
+
+
+def finite_loss_nan_gradient_step(ts, batch, rng, frozen):
+    """The toy step, but a NaN input gives a finite loss (nan_to_num) and NaN gradients."""
+    del rng
+    x = batch["x"]
+    y = jnp.nan_to_num(x) @ frozen["teacher"]
+    loss, grads = nnx.value_and_grad(
+        lambda model: jnp.mean(jnp.square(jnp.nan_to_num(model(x)) - y)))(ts.model)
+    ts.opt.update(ts.model, grads)
+    return {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def test_nan_gradients_with_a_finite_loss_are_caught_by_the_gradient_norm(tmp_path):
+    def make_stage(poisoned):
+        return lambda config: dataclasses.replace(
+            poisoned_stage(poisoned)(config), train_step=finite_loss_nan_gradient_step)
+
+    clean = loop.train(toy.toy_config(MESH, total_steps=2), str(tmp_path / "clean"),
+                       make_stage(()))
+    workdir = str(tmp_path / "nan")
+    bad = loop.train(toy.toy_config(MESH, total_steps=3), workdir, make_stage({2}))
+    records = toy.by_step(workdir)
+    assert np.isfinite(records[3]["loss"]) and np.isnan(records[3]["grad_norm"])
+    assert bad.skipped_steps == 1 and records[3]["train/skipped_steps"] == 1
+    toy.assert_trees_equal(train_state_tree(bad), train_state_tree(clean))
 
 
 def test_a_streak_of_bad_steps_stops_the_run_with_the_last_good_state(tmp_path, caplog):
