@@ -1,7 +1,8 @@
 """python -m vasa_jax.evaluate videos on videos built here from a real face photo
 (skimage's astronaut.png, moved over 3.2 s and muxed with espeak-ng speech): real-vs-real
 gives identical numbers and fidelity r 1, a still head has dP near 0 and less jitter than a
-moving one, the report files exist and the unbuilt ports say so; bad input is one line."""
+moving one, the report files exist and the unbuilt ports say so; with --syncnet (random
+converted weights) Sc / SD are numbers, identical for real vs real; bad input is one line."""
 
 import csv
 import json
@@ -77,8 +78,10 @@ def test_real_vs_real_is_identical_and_the_report_is_complete(sets, capsys):
     assert g["mouth fidelity"] == pytest.approx(1.0, abs=1e-6)
     table = open(os.path.join(out, "table.md")).read()
     assert "| set | videos | Sc | SD | CAPP | dP | FVD25 |" in table
-    assert "n/a: SyncNet port not built" in table and "n/a: I3D port not built" in table
-    assert "pass --capp RUN" in table
+    assert "n/a: pass --syncnet DIR" in table and "n/a: I3D port not built" in table
+    assert "pass --capp RUN" in table and "Sc/SD: pass --syncnet DIR" in table
+    assert rep["not_built"]["Sc"] == rep["not_built"]["SD"] == videos.NO_SYNCNET
+    assert np.isnan(g["Sc"]) and np.isnan(g["SD"])  # not computed
     with open(os.path.join(out, "videos.csv")) as f:
         rows = list(csv.DictReader(f))
     assert sorted((row["set"], row["video"]) for row in rows) == [
@@ -86,6 +89,48 @@ def test_real_vs_real_is_identical_and_the_report_is_complete(sets, capsys):
     assert all(int(row["frames"]) == int(FPS * SECONDS) for row in rows)
     assert os.path.getsize(os.path.join(out, "metrics.png")) > 1000
     assert "| generated | 2 |" in capsys.readouterr().out
+
+
+def test_syncnet_fills_sc_and_sd(sets, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from tests.test_syncnet import TorchSyncNet
+    from vasa_jax.models import syncnet
+
+    torch.manual_seed(0)
+    weights = str(tmp_path / "syncnet_v2.model")
+    torch.save(TorchSyncNet().eval().state_dict(), weights)
+    converted = str(tmp_path / "syncnet")
+    assert syncnet.main(["convert", "--weights", weights, "--out", converted]) == 0
+    # One video per set keeps SyncNet's ~0.2 s a frame on 2 CPU cores affordable.
+    gen, real = tmp_path / "gen", tmp_path / "real"
+    for d in (gen, real):
+        d.mkdir()
+        shutil.copy(os.path.join(sets["real"], "a.mp4"), d / "a.mp4")
+    out = str(tmp_path / "report")
+    assert evaluate_main(["videos", "--generated", str(gen), "--real", str(real),
+                          "--syncnet", converted, "--out", out]) == 0
+    rep = _report(out)
+    g, r = rep["sets"]["generated"], rep["sets"]["real"]
+    for k in ("Sc", "SD"):
+        assert isinstance(g[k], float) and np.isfinite(g[k]), (k, g[k])
+        assert g[k] == pytest.approx(r[k], rel=1e-6, abs=1e-6), k
+    assert g["Sc"] >= 0.0 and g["SD"] > 0.0
+    assert "Sc" not in rep["not_built"]
+    with open(os.path.join(out, "videos.csv")) as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        assert np.isfinite(float(row["Sc"])) and np.isfinite(float(row["SD"]))
+        assert -15 <= float(row["AV offset"]) <= 15
+    table = open(os.path.join(out, "table.md")).read()
+    assert "pass --syncnet" not in table
+    assert f"| generated | 1 | {g['Sc']:.3f} | {g['SD']:.3f} |" in table
+
+    missing = str(tmp_path / "no_syncnet")
+    capsys.readouterr()
+    assert evaluate_main(["videos", "--generated", str(gen), "--syncnet", missing,
+                          "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "--syncnet" in err and "no_syncnet" in err and "syncnet convert" in err
 
 
 def test_a_still_head_has_no_pose_motion_and_less_jitter(sets):

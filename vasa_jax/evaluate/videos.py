@@ -1,7 +1,7 @@
 """Scores sets of talking-face videos: VASA-1's Table 1 and what its peers do not publish.
 
     python -m vasa_jax.evaluate videos --generated DIR --real DIR [--audio DIR] \
-        [--capp RUN] [--face_id DIR] --out report/
+        [--capp RUN] [--face_id DIR] [--syncnet DIR] --out report/
 
 Every .mp4 (or .avi / .mov / .mkv) of each set is read with its audio track (or, with
 --audio, DIR/<name>.wav), its face tracked by the real-video preprocessing
@@ -10,6 +10,11 @@ than --analysis_size px are upscaled first) and labelled the way preprocessing l
 clips (`preprocess.clip_labels`: solvePnP head pose, mouth and eye openness, gaze). Per
 video, then averaged over each set:
 
+  Sc, SD   SyncNet confidence and minimum mean audio-lip feature distance over +-15 frame
+           offsets, as syncnet_python computes them (`--syncnet`: syncnet_v2.model converted
+           by `python -m vasa_jax.models.syncnet convert`; 224 px crops around the tracked
+           face mesh's box, frames at 25 fps; see vasa_jax/models/syncnet.py); the per-video
+           CSV also has the AV offset (frames the lips lag the audio)
   CAPP     the contrastive audio-pose score of the re-extracted head pose with the audio
            (`--capp`: a run of `train.py --config configs/capp.py`; 3-second windows)
   dP       mean absolute frame-to-frame change of yaw, pitch, roll (degrees)
@@ -26,7 +31,7 @@ video, then averaged over each set:
   faces    share of frames with a tracked face (frames without one are filled from their
            neighbours for the sequence metrics)
 
-Sc / SD (SyncNet) and FVD25 (I3D) need ports and weights this build does not have: their
+FVD25 (I3D) needs a port this build does not have, and Sc / SD need --syncnet: their
 columns say so ("n/a: ...") instead of guessing. Writes <out>/table.md (Table-1 layout),
 <out>/videos.csv (every video's numbers), <out>/report.json and <out>/metrics.png.
 """
@@ -48,10 +53,11 @@ DESCRIPTION = ("scores sets of mp4s (Table 1: CAPP, dP; lip sync, jitter, blinks
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 SAMPLE_RATE = 16000
 MIN_FACE_SHARE = 0.5  # a video with a face in fewer frames is an error, not a number
-NOT_BUILT = {"Sc": "n/a: SyncNet port not built", "SD": "n/a: SyncNet port not built",
-             "FVD25": "n/a: I3D port not built"}
+NOT_BUILT = {"FVD25": "n/a: I3D port not built"}
+NO_SYNCNET = "n/a: pass --syncnet DIR"
 COLUMNS = ("CAPP", "dP", "lip r", "jitter", "blinks/min", "id drift", "mouth fidelity",
            "eye fidelity", "faces")
+SYNC_COLUMNS = ("Sc", "SD")
 
 
 @dataclasses.dataclass
@@ -68,6 +74,7 @@ class VideoLabels:
     face_share: float
     audio: np.ndarray  # float32 [N]
     frames: np.ndarray | None = None  # uint8 [T, S, S, 3] face crops (identity drift)
+    sync_crops: np.ndarray | None = None  # uint8 [T', 224, 224, 3] SyncNet crops at 25 fps
 
 
 def list_videos(directory: str) -> list[str]:
@@ -90,9 +97,11 @@ def _fill(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def analyze_video(path: str, analyzer, *, analysis_size: int = 256, audio_dir: str | None = None,
-                  keep_crops: int = 0) -> VideoLabels:
-    """Reads, tracks and labels one video. keep_crops > 0 keeps face crops of that size.
-    ValueError when it cannot be read or shows a face in fewer than MIN_FACE_SHARE frames."""
+                  keep_crops: int = 0, sync_crops: bool = False) -> VideoLabels:
+    """Reads, tracks and labels one video. keep_crops > 0 keeps face crops of that size;
+    sync_crops keeps SyncNet's (`syncnet.syncnet_crops` around each frame's face-mesh box,
+    at 25 fps). ValueError when it cannot be read or shows a face in fewer than
+    MIN_FACE_SHARE frames."""
     from data_pipeline import face_analysis as fa
     from data_pipeline import preprocess
     from vasa_jax import video as video_lib
@@ -133,11 +142,19 @@ def analyze_video(path: str, analyzer, *, analysis_size: int = 256, audio_dir: s
     if keep_crops:
         crops = np.stack([fa.warp_crop(f, crop[:2], crop[2], 0.0, keep_crops)[0]
                           for f in frames])
+    synced = None
+    if sync_crops:
+        from vasa_jax.models import syncnet
+
+        # The mesh's bounding box stands in for syncnet_python's S3FD face box.
+        boxes = full(np.concatenate([mesh.min(1), mesh.max(1)], axis=1))
+        keep = syncnet.frames_at_25fps(len(frames), fps)
+        synced = syncnet.syncnet_crops(frames[keep], boxes[keep])
     return VideoLabels(
         name=name, fps=float(fps), pose=full(labels["pose"][:, :3]),
         mouth=full(labels["mouth_open"]), blink=full(labels["blink"]), landmarks=full(mesh),
         inter_ocular=float(np.median(np.linalg.norm(eyes[:, 0] - eyes[:, 1], axis=-1))),
-        face_share=share, audio=audio, frames=crops)
+        face_share=share, audio=audio, frames=crops, sync_crops=synced)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -186,8 +203,10 @@ def identity_drift(embed, crops: np.ndarray, fps: float) -> tuple[float, float]:
     return float(cos.mean()), slope
 
 
-def video_metrics(v: VideoLabels, capp_scorer=None, id_embed=None) -> dict[str, float]:
-    """Every per-video number of the report (NaN where it does not apply)."""
+def video_metrics(v: VideoLabels, capp_scorer=None, id_embed=None,
+                  sync_scorer=None) -> dict[str, float]:
+    """Every per-video number of the report (NaN where it does not apply). sync_scorer: a
+    `syncnet.SyncNetScorer` (needs v.sync_crops)."""
     out = {
         "dP": float(np.mean(np.abs(np.diff(v.pose, axis=0)))) if len(v.pose) > 1 else np.nan,
         "lip r": lip_sync_r(v.mouth, v.audio, v.fps),
@@ -197,11 +216,17 @@ def video_metrics(v: VideoLabels, capp_scorer=None, id_embed=None) -> dict[str, 
         "CAPP": float("nan"),
         "id drift": float("nan"),
         "id drift/min": float("nan"),
+        "Sc": float("nan"),
+        "SD": float("nan"),
+        "AV offset": float("nan"),
     }
     if capp_scorer is not None and len(v.pose) >= capp_scorer.window:
         out["CAPP"] = capp_scorer.score(v.pose, capp_audio(capp_scorer, v.audio, len(v.pose)))
     if id_embed is not None and v.frames is not None:
         out["id drift"], out["id drift/min"] = identity_drift(id_embed, v.frames, v.fps)
+    if sync_scorer is not None and v.sync_crops is not None:
+        sync = sync_scorer.score(v.sync_crops, v.audio)
+        out["Sc"], out["SD"], out["AV offset"] = sync["Sc"], sync["SD"], sync["offset"]
     return out
 
 
@@ -240,6 +265,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face_id", default=None,
                         help="a face-ID embedder export (`python -m vasa_jax.models.face_id "
                              "train`; identity-drift column)")
+    parser.add_argument("--syncnet", default=None,
+                        help="SyncNet weights converted by `python -m vasa_jax.models.syncnet "
+                             "convert --weights syncnet_v2.model --out DIR` (Sc, SD columns)")
     parser.add_argument("--analysis_size", type=int, default=256,
                         help="frames smaller than this (px) are upscaled for face tracking")
     parser.add_argument("--out", required=True, help="report folder")
@@ -261,28 +289,38 @@ def run(args: argparse.Namespace) -> int:
     id_embed, crop_size = None, 0
     if args.face_id:
         id_embed, crop_size = _face_id(args.face_id)
+    sync_scorer = None
+    if args.syncnet:
+        from vasa_jax.models import syncnet
+
+        if not os.path.isdir(args.syncnet):
+            raise FileNotFoundError(f"--syncnet {args.syncnet!r} does not exist; convert "
+                                    f"syncnet_v2.model with `{syncnet.CONVERT_COMMAND}`")
+        sync_scorer = syncnet.SyncNetScorer.load(args.syncnet)
     analyzer = fa.FaceAnalyzer(backend="tflite")
     rows, labels = [], {}
     for set_name, paths in sets.items():
         for path in paths:
             v = analyze_video(path, analyzer, analysis_size=args.analysis_size,
-                              audio_dir=args.audio, keep_crops=crop_size)
-            labels[(set_name, v.name)] = v
+                              audio_dir=args.audio, keep_crops=crop_size,
+                              sync_crops=sync_scorer is not None)
             rows.append({"set": set_name, "video": v.name, "frames": len(v.pose),
-                         **video_metrics(v, scorer, id_embed)})
+                         **video_metrics(v, scorer, id_embed, sync_scorer)})
+            v.sync_crops = None  # 150 KB a frame: not kept past scoring
+            labels[(set_name, v.name)] = v
             print(f"{set_name}/{v.name}: " + ", ".join(
-                f"{k} {_fmt(rows[-1][k])}" for k in ("dP", "lip r", "jitter", "CAPP")))
+                f"{k} {_fmt(rows[-1][k])}" for k in ("Sc", "SD", "dP", "lip r", "jitter", "CAPP")))
     for row in rows:  # expression fidelity against the real video of the same name
         real = labels.get(("real", row["video"]))
         gen = labels[(row["set"], row["video"])]
         ok = real is not None and row["set"] != "real"
         row["mouth fidelity"] = _pearson(gen.mouth, real.mouth) if ok else float("nan")
         row["eye fidelity"] = _pearson(1 - gen.blink, 1 - real.blink) if ok else float("nan")
-    table = {s: {c: _mean([r[c] for r in rows if r["set"] == s]) for c in COLUMNS + ("id drift/min",)}
-             for s in sets}
+    table = {s: {c: _mean([r[c] for r in rows if r["set"] == s])
+                 for c in COLUMNS + ("id drift/min",) + SYNC_COLUMNS} for s in sets}
     os.makedirs(args.out, exist_ok=True)
     md = _markdown(table, {s: len(p) for s, p in sets.items()}, scorer is not None,
-                   id_embed is not None)
+                   id_embed is not None, sync_scorer is not None)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "videos.csv"), "w", newline="") as f:
@@ -290,9 +328,11 @@ def run(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
     with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump({"sets": table, "videos": rows, "not_built": NOT_BUILT}, f, indent=2,
+        not_computed = dict(NOT_BUILT, **({} if sync_scorer else dict.fromkeys(SYNC_COLUMNS,
+                                                                               NO_SYNCNET)))
+        json.dump({"sets": table, "videos": rows, "not_built": not_computed}, f, indent=2,
                   default=lambda x: None if not np.isfinite(x) else x)
-    _plot(rows, list(sets), os.path.join(args.out, "metrics.png"))
+    _plot(rows, list(sets), os.path.join(args.out, "metrics.png"), sync_scorer is not None)
     print(md)
     return 0
 
@@ -311,14 +351,19 @@ def _face_id(path: str):
                                           for i in range(0, len(crops), 64)])), size
 
 
-def _markdown(table: dict, counts: dict, has_capp: bool, has_id: bool) -> str:
+def _markdown(table: dict, counts: dict, has_capp: bool, has_id: bool,
+              has_sync: bool = False) -> str:
     head = ["set", "videos", "Sc", "SD", *COLUMNS[:1], "dP", "FVD25", *COLUMNS[2:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s, m in table.items():
-        cells = [s, str(counts[s]), NOT_BUILT["Sc"], NOT_BUILT["SD"], _fmt(m["CAPP"]),
+        sync = [_fmt(m[c]) if has_sync else NO_SYNCNET for c in SYNC_COLUMNS]
+        cells = [s, str(counts[s]), *sync, _fmt(m["CAPP"]),
                  _fmt(m["dP"]), NOT_BUILT["FVD25"], *(_fmt(m[c]) for c in COLUMNS[2:])]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
+    if not has_sync:
+        notes.append("Sc/SD: pass --syncnet DIR (syncnet_v2.model converted with `python -m "
+                     "vasa_jax.models.syncnet convert --weights syncnet_v2.model --out DIR`).")
     if not has_capp:
         notes.append("CAPP: pass --capp RUN (a configs/capp.py training run).")
     if not has_id:
@@ -326,13 +371,14 @@ def _markdown(table: dict, counts: dict, has_capp: bool, has_id: bool) -> str:
     return "\n".join(lines) + "\n" + "".join(f"\n{n}" for n in notes) + "\n"
 
 
-def _plot(rows: list[dict], sets: list[str], path: str) -> None:
+def _plot(rows: list[dict], sets: list[str], path: str, has_sync: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ("dP", "lip r", "jitter", "blinks/min", "CAPP", "mouth fidelity")
+    shown = (SYNC_COLUMNS if has_sync else ()) + ("dP", "lip r", "jitter", "blinks/min", "CAPP",
+                                                  "mouth fidelity")
     fig, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown), 2.8))
     for ax, col in zip(axes, shown):
         data = [[r[col] for r in rows if r["set"] == s and np.isfinite(r[col])] for s in sets]
