@@ -4,12 +4,13 @@ Every command answers bad input (a missing or wrong kind of path, a bad number, 
 unwritable output) with ONE line, `error: ...` (`config error: ...` for a ConfigError), and a
 non-zero exit status, never a traceback, and checks its outputs before it starts working, so
 that it leaves nothing half-made. `run_guarded` is that rule for a command's body;
-`check_output` checks an output path up front. Bugs (any other exception) keep their
+`check_output` checks an output path up front; `ArgumentParser` makes a usage error one line. Bugs (any other exception) keep their
 traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -20,6 +21,27 @@ from typing import Any, Callable
 # What bad input raises: FileNotFoundError, NotADirectoryError, PermissionError (OSError);
 # configs.ConfigError, schema.CorruptRecordError, argument checks (ValueError).
 BAD_INPUT = (OSError, ValueError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a usage error as one line, `PROG: error: MESSAGE (see PROG --help)`,
+    and exit status 2, instead of the whole usage text first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} "
+                     f"(see {self.prog} --help)\n")
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type of a comma-separated list of positive integers ("32,64,128")."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}")
+    return values
 
 
 def error_line(error: BaseException | str) -> str:

@@ -49,7 +49,6 @@ writes OUT/params (`vasa_jax.checkpointing.export_params`) and OUT/expression_me
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import itertools
@@ -385,7 +384,7 @@ def train(data_dir: str, out_dir: str, *, config: ExpressionMeterConfig = Expres
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m vasa_jax.models.expression_meter",
         description="Expression meter (mouth_open, blink, gaze) for expression transfer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -396,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=TrainSettings.batch_size)
     p.add_argument("--size", type=int, default=ExpressionMeterConfig.image_size,
                    help="side images are resized to")
-    p.add_argument("--channels", default="32,64,64,128", help="comma-separated conv widths")
+    p.add_argument("--channels", type=cli.int_list, default="32,64,64,128",
+                   help="comma-separated conv widths")
     p.add_argument("--hidden", type=int, default=ExpressionMeterConfig.hidden)
     p.add_argument("--lr", type=float, default=TrainSettings.lr)
     p.add_argument("--warmup_steps", type=int, default=TrainSettings.warmup_steps)
@@ -410,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> dict[str, Any]:
         cli.check_output(args.out, "--out folder")  # before training, not after
         config = ExpressionMeterConfig(
-            image_size=args.size, channels=tuple(int(c) for c in args.channels.split(",")),
+            image_size=args.size, channels=args.channels,
             hidden=args.hidden)
         settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                  warmup_steps=args.warmup_steps, seed=args.seed,

@@ -41,7 +41,6 @@ stage-1 trainer uses.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -57,7 +56,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from vasa_jax import cli
+from vasa_jax import cli, optim
 from vasa_jax.models.layers import Conv, Dense, GroupNorm, ResBlock, make_param
 
 CONFIG_FILE = "face_id.json"
@@ -375,9 +374,7 @@ def train(data_dir: str, out_dir: str, *, image_size: int = 64, crop: float = 0.
 
     model = FaceIDClassifier(config, rngs=nnx.Rngs(settings.seed))
     graphdef, params = nnx.split(model, nnx.Param)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, settings.lr, min(settings.warmup_steps, settings.steps // 2 + 1), settings.steps,
-        end_value=settings.lr * 0.01)
+    schedule = optim.short_run_schedule(settings.lr, settings.warmup_steps, settings.steps)
     optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
     opt_state = optimizer.init(params)
 
@@ -435,8 +432,8 @@ def train(data_dir: str, out_dir: str, *, image_size: int = 64, crop: float = 0.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vasa_jax.models.face_id",
-                                     description="Face-ID embedder for l_cross-id.")
+    parser = cli.ArgumentParser(prog="python -m vasa_jax.models.face_id",
+                                description="Face-ID embedder for l_cross-id.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train on a clip-record dataset's identities")
     p.add_argument("--data", required=True, help="clip-record dataset folder")
@@ -444,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=TrainSettings.steps)
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--crop", type=float, default=0.7)
-    p.add_argument("--channels", default="32,64,128,256", help="comma-separated widths")
+    p.add_argument("--channels", type=cli.int_list, default="32,64,128,256",
+                   help="comma-separated widths")
     p.add_argument("--embed_dim", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=TrainSettings.batch_size)
     p.add_argument("--lr", type=float, default=TrainSettings.lr)
@@ -454,12 +452,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> dict[str, Any]:
-        channels = tuple(int(c) for c in args.channels.split(","))
+        cli.check_output(args.out, "--out folder")  # before training, not after
         settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                  seed=args.seed, num_workers=args.num_workers,
                                  log_every=args.log_every)
         return train(args.data, args.out, image_size=args.image_size, crop=args.crop,
-                     channels=channels, embed_dim=args.embed_dim, settings=settings)[1]
+                     channels=args.channels, embed_dim=args.embed_dim, settings=settings)[1]
 
     return cli.run_training(run)
 

@@ -34,7 +34,6 @@ with --config.model.motion.pretrained_pose=OUT.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -50,7 +49,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from vasa_jax import cli
+from vasa_jax import cli, optim
 from vasa_jax.models import face_encoders, warping
 
 PARAMS_DIR = "params"
@@ -258,9 +257,7 @@ def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
 
     encoder = motion_encoder(config.model, rngs=nnx.Rngs(settings.seed))
     graphdef, params, rest = nnx.split(encoder.pose_net, nnx.Param, ...)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, settings.lr, min(settings.warmup_steps, settings.steps // 2 + 1), settings.steps,
-        end_value=settings.lr * 0.01)
+    schedule = optim.short_run_schedule(settings.lr, settings.warmup_steps, settings.steps)
     optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
     opt_state = optimizer.init(params)
 
@@ -375,8 +372,8 @@ def load_pose_params(path: str, model_cfg: ml_collections.ConfigDict) -> nnx.Sta
 def main(argv: Sequence[str] | None = None) -> int:
     import configs
 
-    parser = argparse.ArgumentParser(prog="python -m vasa_jax.models.face_pose",
-                                     description="Pre-train stage 1's head-pose net on labels.")
+    parser = cli.ArgumentParser(prog="python -m vasa_jax.models.face_pose",
+                                description="Pre-train stage 1's head-pose net on labels.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train on a clip-record dataset's pose labels")
     p.add_argument("--config", default="configs/face_latent.py:size=tiny",
@@ -392,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> dict[str, Any]:
+        cli.check_output(args.out, "--out folder")  # before training, not after
         config = configs.load(args.config, **configs.parse_overrides(args.set))
         settings = TrainSettings(**{k: getattr(args, k) for k in names})
         return train(config, args.data, args.out, settings=settings)
