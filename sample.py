@@ -27,6 +27,8 @@ import os
 import sys
 import time
 
+from vasa_jax import cli
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_MODEL = os.path.join(ROOT, "assets", "demo_model")
 DEMO_IMAGE = os.path.join(ROOT, "assets", "demo", "portrait.png")
@@ -55,8 +57,8 @@ def _guidance(text: str) -> dict[str, float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", default=DEMO_IMAGE, help="portrait: a photo with a face (any "
                    "size) or a face crop")
     p.add_argument("--align", choices=("auto", "face", "none"), default="auto",
@@ -159,6 +161,11 @@ def main(argv=None) -> int:
         image = inference.read_portrait(args.image)
         waveform = audio_lib.load_audio(args.audio, inference.SAMPLE_RATE,
                                         allow_silence=args.allow_silence)
+        meter = args.expression_meter
+        if (meter is None and not (args.model or args.face_workdir or args.motion_workdir)
+                and os.path.isdir(DEMO_METER)):
+            meter = DEMO_METER
+        reader = MouthReader(meter) if meter else None  # before the (slow) model load
         t0 = time.perf_counter()
         if args.face_workdir or args.motion_workdir:
             if not (args.face_workdir and args.motion_workdir):
@@ -167,13 +174,9 @@ def main(argv=None) -> int:
                 raise ValueError("--dtype applies to a model export (--model); export the "
                                  "runs with `python -m vasa_jax.inference export`")
             pipe = inference.Pipeline.from_workdirs(args.face_workdir, args.motion_workdir)
-            meter = args.expression_meter
         else:
             model = args.model or DEMO_MODEL
             pipe = inference.Pipeline.load(model, dtype=args.dtype)
-            meter = args.expression_meter
-            if meter is None and not args.model and os.path.isdir(DEMO_METER):
-                meter = DEMO_METER
         try:  # the face found, levelled and cropped as the training faces are (--align)
             image, note = inference.crop_portrait(image, pipe.image_size, args.align,
                                                   name=args.image)
@@ -190,7 +193,6 @@ def main(argv=None) -> int:
         print(f"model loaded in {time.perf_counter() - t0:.1f} s; {len(waveform) / 16000:.2f} s "
               f"of audio -> {pipe.num_frames(len(waveform))} frames at {pipe.fps:g} fps, "
               f"{pipe.image_size} px", file=sys.stderr)
-        reader = MouthReader(meter) if meter else None
         total = pipe.num_frames(len(waveform))
         mouths, timing = [], {"first": None}
         t0 = time.perf_counter()
@@ -231,8 +233,8 @@ def main(argv=None) -> int:
             r, lag = lip_sync_r(np.concatenate(mouths), waveform)
             print(f"lip sync (expression meter's mouth vs speech envelope): r = {r:.3f} at lag "
                   f"{lag} frames")
-    except (FileNotFoundError, FileExistsError, ValueError, audio_lib.AudioError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, audio_lib.AudioError) as e:
+        print(f"sample.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

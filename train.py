@@ -111,9 +111,15 @@ def train(config, workdir: str) -> int:
     return 0
 
 
+def run(config, workdir: str) -> int:
+    """`train` as a command: bad input is one line on stderr and exit status 1, and a fresh
+    workdir is removed again (vasa_jax.cli.run_guarded)."""
+    return cli.run_guarded(lambda: train(config, workdir), made=workdir)
+
+
 def main(argv):
     del argv
-    sys.exit(cli.run_guarded(lambda: train(FLAGS.config, FLAGS.workdir), made=FLAGS.workdir))
+    sys.exit(run(FLAGS.config, FLAGS.workdir))
 
 
 if __name__ == "__main__":

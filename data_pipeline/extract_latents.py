@@ -88,6 +88,7 @@ from flax import nnx
 
 from data_pipeline import schema
 from data_pipeline import transforms as T
+from vasa_jax import cli
 
 MOTION_FEATURE = "motion"
 AUDIO_FEATURE = "audio"
@@ -745,7 +746,7 @@ def _merge_stats(results: Sequence[_ShardResult]) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = Settings()
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m data_pipeline.extract_latents",
         description="Add stage-1 motion latents [z_pose, z_dyn] and audio features to every "
                     "clip of a clip-record dataset (the stage-2 training data); resumable.")
@@ -799,15 +800,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite, progress=not args.no_progress,
             fast_cpu_compile=args.fast_cpu_compile)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
+        return cli.fail(e, 2)
+
+    def body() -> int:
+        cli.check_output(args.out, "--out folder")  # before the (slow) restore
         summary = extract(args.face_workdir, args.data, args.out, settings)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print("\n".join(summary_lines(summary)), flush=True)
-    return 0
+        print("\n".join(summary_lines(summary)), flush=True)
+        return 0
+
+    return cli.run_guarded(body)
 
 
 def _show_info_logs() -> None:

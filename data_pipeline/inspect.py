@@ -18,7 +18,6 @@ has mouth_open labels; 2 if DIR is not a dataset.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import math
@@ -30,6 +29,7 @@ import numpy as np
 
 from data_pipeline import schema
 from data_pipeline import transforms
+from vasa_jax import cli
 
 MIN_MOUTH_AUDIO_R = 0.6
 MAX_LAG = 3  # frames
@@ -137,7 +137,7 @@ def _print_split(split: str, s: _SplitStats) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m data_pipeline.inspect", description=__doc__.split("\n")[0])
     parser.add_argument("directory", help="clip-record dataset folder")
     parser.add_argument("--split", choices=schema.SPLITS, help="only this split")

@@ -149,6 +149,7 @@ from absl import logging
 from data_pipeline import face_analysis as fa
 from data_pipeline import schema
 from data_pipeline import transforms as T
+from vasa_jax import cli
 
 STATE_DIR = ".preprocess"  # run.json, chunks/, done/, tmp/
 RUN_FILE = "run.json"
@@ -1269,7 +1270,7 @@ def totals_of(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = Settings()
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m data_pipeline.preprocess",
         description="Turn talking-face videos into a clip-record dataset (25 fps face crops, "
                     "16 kHz audio, per-frame pose / distance / gaze / emotion / mouth / blink "

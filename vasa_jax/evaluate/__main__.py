@@ -6,10 +6,10 @@ bad input (missing workdir, checkpoint, dataset split, too few clips); 2 for bad
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
 
+from vasa_jax import cli
 from vasa_jax.evaluate import EVALUATORS, get_evaluator
 
 
@@ -17,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     names = ", ".join(sorted(EVALUATORS))
     if not argv or argv[0].startswith("-"):
-        parser = argparse.ArgumentParser(
+        parser = cli.ArgumentParser(
             prog="python -m vasa_jax.evaluate",
             description=f"Runs an evaluator by name. Evaluators: {names}. "
                         "`python -m vasa_jax.evaluate NAME --help` shows its flags.")
@@ -30,15 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyError:
         print(f"error: unknown evaluator {name!r}; known: {names}", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog=f"python -m vasa_jax.evaluate {name}",
-                                     description=module.DESCRIPTION)
+    parser = cli.ArgumentParser(prog=f"python -m vasa_jax.evaluate {name}",
+                                description=module.DESCRIPTION)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    try:
-        return module.run(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return cli.run_guarded(lambda: module.run(args))
 
 
 if __name__ == "__main__":

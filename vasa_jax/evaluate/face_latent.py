@@ -77,7 +77,7 @@ from PIL import Image
 
 from data_pipeline import schema
 from data_pipeline import transforms as T
-from vasa_jax import losses
+from vasa_jax import cli, losses
 from vasa_jax.inference import restore_face  # a run's EMA generator (its weights only)
 from vasa_jax.metrics import image as image_metrics
 from vasa_jax.metrics import probes
@@ -896,6 +896,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out:
+        cli.check_output(args.out, "--out folder")  # before the (slow) restore
     settings = Settings(
         split=args.split, max_clips=args.max_clips, frames_per_clip=args.frames_per_clip,
         probe_clips=args.probe_clips, probe_frames_per_clip=args.probe_frames_per_clip,

@@ -73,6 +73,7 @@ from absl import logging
 
 from data_pipeline import schema
 from data_pipeline import transforms as T
+from vasa_jax import cli
 from vasa_jax.metrics import motion as M
 
 NAME = "motion"
@@ -909,6 +910,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        cli.check_output(args.json, "--json file", folder=False)  # before the (slow) restore
     settings = Settings(
         split=args.split, num_clips=args.num_clips, seeds=args.seeds,
         num_sample_steps=args.num_sample_steps, control_clips=args.control_clips,
