@@ -22,10 +22,9 @@ import math
 import os
 from typing import Mapping
 
-from absl import logging
-
 import cv2
 import numpy as np
+from absl import logging
 from PIL import Image
 
 METRICS_FILE = "metrics.jsonl"
@@ -84,7 +83,7 @@ def goodput_summary(*, wall: float, productive: float, compile: float, data_wait
 
 
 def goodput_line(summary: Mapping[str, float], start_step: int, step: int) -> str:
-    """One line: 'goodput 81% of 2m 03s (steps 0-200): compile 9%, data wait 4%, ...'."""
+    """One line: 'goodput 81.0% of 2m 03s wall (steps 0-200): compile 9.0%, ...'."""
     pct = {k: f"{100 * summary[k]:.1f}%" for k in summary if k != "wall_seconds"}
     return (f"goodput {pct['goodput']} of {format_duration(summary['wall_seconds'])} wall "
             f"(steps {start_step}-{step}): compile {pct['compile_share']}, data wait "
