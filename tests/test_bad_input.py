@@ -203,6 +203,8 @@ def test_evaluate_checks_runs_and_outputs_first(corpus, tmp_path, capsys):
 
     assert "holds a 'motion_dit' run, not 'face_latent'" in error(
         "face_latent", "--workdir", stage2_run, "--data", corpus)
+    assert "is a file, not a run folder" in error("motion", "--workdir", str(blocker),
+                                                  "--data", corpus)
     assert "is a file" in error("face_latent", "--workdir", stage1_run, "--data", corpus,
                                 "--out", str(blocker))
     assert "is a folder" in error("motion", "--workdir", stage2_run, "--data", corpus,

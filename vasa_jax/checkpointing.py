@@ -272,11 +272,14 @@ def open_run(workdir: str | os.PathLike, stage: str, step: int | None = None
     """Opens a training run's checkpoints for reading: (checkpointer, step, config dict).
 
     step: None -> the latest finished one. Raises FileNotFoundError (no such workdir, not a
-    training run, no finished checkpoint, no such step) or ValueError (a run of another
+    training run, no finished checkpoint, no such step), NotADirectoryError (the workdir is a
+    file) or ValueError (a run of another
     stage than `stage`, e.g. "face_latent"). The caller closes the checkpointer (it is a
     context manager).
     """
     workdir = os.fspath(workdir)
+    if "://" not in workdir and os.path.isfile(workdir):
+        raise NotADirectoryError(f"workdir {workdir!r} is a file, not a run folder")
     if "://" not in workdir and not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist")
     directory = _path(workdir) / CHECKPOINT_DIR

@@ -303,7 +303,8 @@ def train(data_dir: str, out_dir: str, *, config: ExpressionMeterConfig = Expres
     from vasa_jax.models.face_id import _augment  # the same random 2x blur
 
     if settings.steps < 1 or settings.batch_size < 1:
-        raise ValueError(f"need steps >= 1 and batch_size >= 1, got {settings}")
+        raise ValueError(f"need steps >= 1 and batch_size >= 1, got steps={settings.steps}, "
+                         f"batch_size={settings.batch_size}")
     if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
         raise FileExistsError(f"{out_dir} already holds an expression-meter export")
     info = schema.DatasetInfo.load(data_dir)

@@ -359,7 +359,8 @@ def train(data_dir: str, out_dir: str, *, image_size: int = 64, crop: float = 0.
     from data_pipeline import loaders, schema
 
     if settings.steps < 1 or settings.batch_size < 1:
-        raise ValueError(f"need steps >= 1 and batch_size >= 1, got {settings}")
+        raise ValueError(f"need steps >= 1 and batch_size >= 1, got steps={settings.steps}, "
+                         f"batch_size={settings.batch_size}")
     if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
         raise FileExistsError(f"{out_dir} already holds a face-ID export")
     info = schema.DatasetInfo.load(data_dir)

@@ -233,7 +233,8 @@ def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
     from vasa_jax.models.face_latent import motion_encoder
 
     if settings.steps < 1 or settings.batch_size < 1:
-        raise ValueError(f"need steps >= 1 and batch_size >= 1, got {settings}")
+        raise ValueError(f"need steps >= 1 and batch_size >= 1, got steps={settings.steps}, "
+                         f"batch_size={settings.batch_size}")
     if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
         raise FileExistsError(f"{out_dir} already holds a face-pose export")
     info = schema.DatasetInfo.load(data_dir)
