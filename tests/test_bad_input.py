@@ -282,3 +282,17 @@ def test_check_output(tmp_path):
         cli.check_output(str(tmp_path), "--json file", folder=False)
     with pytest.raises(ValueError, match="empty"):
         cli.check_output("")
+
+
+def test_synthtalk_checks_its_output_first(tmp_path, capsys):
+    from data_pipeline.synthtalk.__main__ import main as synthtalk_main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out, message in ((blocker, "is a file, not a folder"),
+                         (blocker / "sub", "is a file")):
+        assert synthtalk_main(["--out", str(out), "--num_identities", "1",
+                               "--clips_per_identity", "1", "--seconds", "0.2",
+                               "--no_progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and "\n" not in err, err

@@ -84,7 +84,10 @@ def main(argv=None) -> int:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
         if args.num_shards < 1:
             raise ValueError(f"--num_shards must be >= 1, got {args.num_shards}")
-    except ValueError as e:
+        from vasa_jax.cli import check_output
+
+        check_output(args.out, "--out folder")
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()
