@@ -99,7 +99,9 @@ def _check_workdir(workdir: str, stage: str) -> None:
 
 
 def train(config, workdir: str) -> int:
-    """Validates the config and the workdir, then runs the stage's trainer. Returns 0."""
+    """Validates the config and the workdir, then runs the stage's trainer. Returns 0, or 3
+    when the run stopped on a streak of NaN/inf steps (train.max_bad_steps; the reason is
+    the last line of the log)."""
     config = configs.validate(config)
     if config.stage not in TRAINERS:
         raise ConfigError(NOT_BUILT.get(config.stage, f"unknown stage {config.stage!r}"))
@@ -107,7 +109,10 @@ def train(config, workdir: str) -> int:
     module_name, fn_name = TRAINERS[config.stage].split(":")
     module = __import__(module_name, fromlist=[fn_name])
     logging.info("stage %s, workdir %s", config.stage, workdir)
-    getattr(module, fn_name)(config, workdir)
+    result = getattr(module, fn_name)(config, workdir)
+    if getattr(result, "stop_reason", ""):
+        print(f"error: {result.stop_reason}", file=sys.stderr)
+        return 3
     return 0
 
 

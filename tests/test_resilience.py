@@ -23,6 +23,7 @@ import optax
 import pytest
 from flax import nnx
 
+import configs
 from configs import common
 from tests import test_trainer as toy
 from vasa_jax import checkpointing
@@ -282,3 +283,22 @@ def test_a_run_killed_with_sigkill_resumes_bitwise(tmp_path):
         with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
             weights.append(jax.device_get(ckpt.restore_weights(None, TOTAL_STEPS)))
     toy.assert_trees_equal(*weights)
+
+
+def _stopped_trainer(config, workdir):
+    """Stands in for a stage trainer whose run hit train.max_bad_steps."""
+    return loop.TrainResult(5, None, None, {}, None, {}, True, stop_reason="3 steps in a row")
+
+
+def test_train_py_exits_non_zero_after_a_bad_step_streak(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_cli", os.path.join(os.path.dirname(os.path.dirname(__file__)), "train.py"))
+    train_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_cli)
+    monkeypatch.setitem(train_cli.TRAINERS, "motion_dit",
+                        "tests.test_resilience:_stopped_trainer")
+    config = configs.load("configs/motion_dit.py:size=tiny")
+    assert train_cli.train(config, str(tmp_path / "run")) == 3
+    assert "error: 3 steps in a row" in capsys.readouterr().err
