@@ -1,8 +1,10 @@
 """python -m vasa_jax.evaluate videos on videos built here from a real face photo
 (skimage's astronaut.png, moved over 3.2 s and muxed with espeak-ng speech): real-vs-real
 gives identical numbers and fidelity r 1, a still head has dP near 0 and less jitter than a
-moving one, the report files exist and the unbuilt ports say so; with --syncnet (random
-converted weights) Sc / SD are numbers, identical for real vs real; bad input is one line."""
+moving one, the report files exist and the columns without their weights say so; with
+--syncnet (random converted weights) Sc / SD are numbers, identical for real vs real; with
+--i3d (random converted weights) FVD25 is ~0 for real vs real and larger for a still head;
+bad input is one line."""
 
 import csv
 import json
@@ -78,7 +80,8 @@ def test_real_vs_real_is_identical_and_the_report_is_complete(sets, capsys):
     assert g["mouth fidelity"] == pytest.approx(1.0, abs=1e-6)
     table = open(os.path.join(out, "table.md")).read()
     assert "| set | videos | Sc | SD | CAPP | dP | FVD25 |" in table
-    assert "n/a: pass --syncnet DIR" in table and "n/a: I3D port not built" in table
+    assert "n/a: pass --syncnet DIR" in table and "n/a: pass --i3d DIR" in table
+    assert "FVD25: pass --i3d DIR" in table and rep["not_built"]["FVD25"] == videos.NO_I3D
     assert "pass --capp RUN" in table and "Sc/SD: pass --syncnet DIR" in table
     assert rep["not_built"]["Sc"] == rep["not_built"]["SD"] == videos.NO_SYNCNET
     assert np.isnan(g["Sc"]) and np.isnan(g["SD"])  # not computed
@@ -131,6 +134,55 @@ def test_syncnet_fills_sc_and_sd(sets, tmp_path, capsys):
                           "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "--syncnet" in err and "no_syncnet" in err and "syncnet convert" in err
+
+
+def test_i3d_fills_fvd25(sets, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from tests.test_i3d import TorchI3D, _calibrate_batch_norms
+    from vasa_jax.models import i3d
+    from vasa_jax.video import read_audio, read_video, write_video
+
+    torch.manual_seed(0)
+    weights = str(tmp_path / "rgb_imagenet.pt")
+    model = _calibrate_batch_norms(TorchI3D(), torch.rand(1, 3, 9, 224, 224) * 2 - 1)
+    torch.save(model.state_dict(), weights)
+    converted = str(tmp_path / "i3d")
+    assert i3d.main(["convert", "--weights", weights, "--out", converted]) == 0
+    # One 2-second video per set: 2 clips of 25 frames each (I3D at 224 px is slow on CPU).
+    dirs = {k: tmp_path / k for k in ("real", "same", "still")}
+    for key, source in (("real", "real"), ("same", "real"), ("still", "still")):
+        dirs[key].mkdir()
+        path = os.path.join(sets[source], "a.mp4")
+        frames, fps = read_video(path)
+        write_video(str(dirs[key] / "a.mp4"), frames[:50], fps, read_audio(path, 16000)[:32000],
+                    16000)
+    reports = {}
+    for key in ("same", "still"):
+        out = str(tmp_path / f"report_{key}")
+        assert evaluate_main(["videos", "--generated", str(dirs[key]), "--real",
+                              str(dirs["real"]), "--i3d", converted, "--out", out]) == 0
+        reports[key] = _report(out)
+        table = open(os.path.join(out, "table.md")).read()
+        assert "pass --i3d" not in table and "FVD25" not in reports[key]["not_built"]
+        assert reports[key]["fvd"]["clips"] == {"generated": 2, "real": 2}
+        assert np.isnan(reports[key]["sets"]["real"]["FVD25"])  # the reference set
+    same = reports["same"]["sets"]["generated"]["FVD25"]
+    still = reports["still"]["sets"]["generated"]["FVD25"]
+    with capsys.disabled():
+        print(f"FVD25 real vs real {same:.3g}, still head vs real {still:.3g}")
+    assert still > 1.0 and same < 1e-3 * still, (same, still)
+    assert f"| {still:.3f} |" in open(os.path.join(tmp_path / "report_still", "table.md")).read()
+
+    capsys.readouterr()
+    assert evaluate_main(["videos", "--generated", str(dirs["same"]), "--real",
+                          str(dirs["real"]), "--i3d", str(tmp_path / "no_i3d"),
+                          "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "--i3d" in err and "no_i3d" in err and "i3d convert" in err
+    assert evaluate_main(["videos", "--generated", str(dirs["same"]), "--i3d", converted,
+                          "--out", str(tmp_path / "o")]) == 1
+    assert "--i3d needs --real" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_a_still_head_has_no_pose_motion_and_less_jitter(sets):

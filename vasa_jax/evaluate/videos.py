@@ -1,7 +1,7 @@
 """Scores sets of talking-face videos: VASA-1's Table 1 and what its peers do not publish.
 
     python -m vasa_jax.evaluate videos --generated DIR --real DIR [--audio DIR] \
-        [--capp RUN] [--face_id DIR] [--syncnet DIR] --out report/
+        [--capp RUN] [--face_id DIR] [--syncnet DIR] [--i3d DIR] --out report/
 
 Every .mp4 (or .avi / .mov / .mkv) of each set is read with its audio track (or, with
 --audio, DIR/<name>.wav), its face tracked by the real-video preprocessing
@@ -31,8 +31,17 @@ video, then averaged over each set:
   faces    share of frames with a tracked face (frames without one are filled from their
            neighbours for the sequence metrics)
 
-FVD25 (I3D) needs a port this build does not have, and Sc / SD need --syncnet: their
-columns say so ("n/a: ...") instead of guessing. Writes <out>/table.md (Table-1 layout),
+and per set, against the real set:
+
+  FVD25    Frechet video distance of the generated set's clips to the real set's (`--i3d`:
+           pytorch-i3d's rgb_imagenet.pt converted by `python -m vasa_jax.models.i3d
+           convert`): every 25-frame clip (stride 25) of every video at 25 fps, whole frames
+           resized to 224 x 224, the Kinetics-400 I3D's logits averaged over time, Frechet
+           distance of the two Gaussian fits (`vasa_jax.metrics.fvd`). report.json gives the
+           clip counts; a set with fewer than 2 clips gets no number.
+
+Without --syncnet / --i3d the Sc, SD / FVD25 columns say which flag to pass ("n/a: ...")
+instead of guessing. Writes <out>/table.md (Table-1 layout),
 <out>/videos.csv (every video's numbers), <out>/report.json and <out>/metrics.png.
 """
 
@@ -53,8 +62,8 @@ DESCRIPTION = ("scores sets of mp4s (Table 1: CAPP, dP; lip sync, jitter, blinks
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 SAMPLE_RATE = 16000
 MIN_FACE_SHARE = 0.5  # a video with a face in fewer frames is an error, not a number
-NOT_BUILT = {"FVD25": "n/a: I3D port not built"}
 NO_SYNCNET = "n/a: pass --syncnet DIR"
+NO_I3D = "n/a: pass --i3d DIR"
 COLUMNS = ("CAPP", "dP", "lip r", "jitter", "blinks/min", "id drift", "mouth fidelity",
            "eye fidelity", "faces")
 SYNC_COLUMNS = ("Sc", "SD")
@@ -75,6 +84,7 @@ class VideoLabels:
     audio: np.ndarray  # float32 [N]
     frames: np.ndarray | None = None  # uint8 [T, S, S, 3] face crops (identity drift)
     sync_crops: np.ndarray | None = None  # uint8 [T', 224, 224, 3] SyncNet crops at 25 fps
+    fvd_clips: np.ndarray | None = None  # uint8 [N, 25, 224, 224, 3] FVD25 clips at 25 fps
 
 
 def list_videos(directory: str) -> list[str]:
@@ -97,10 +107,12 @@ def _fill(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def analyze_video(path: str, analyzer, *, analysis_size: int = 256, audio_dir: str | None = None,
-                  keep_crops: int = 0, sync_crops: bool = False) -> VideoLabels:
+                  keep_crops: int = 0, sync_crops: bool = False,
+                  fvd_clips: bool = False) -> VideoLabels:
     """Reads, tracks and labels one video. keep_crops > 0 keeps face crops of that size;
     sync_crops keeps SyncNet's (`syncnet.syncnet_crops` around each frame's face-mesh box,
-    at 25 fps). ValueError when it cannot be read or shows a face in fewer than
+    at 25 fps); fvd_clips keeps FVD25's (`fvd.video_clips` of the whole frames at 25 fps).
+    ValueError when it cannot be read or shows a face in fewer than
     MIN_FACE_SHARE frames."""
     from data_pipeline import face_analysis as fa
     from data_pipeline import preprocess
@@ -116,6 +128,12 @@ def analyze_video(path: str, analyzer, *, analysis_size: int = 256, audio_dir: s
         audio = load_audio(wav, SAMPLE_RATE)
     else:
         audio = video_lib.read_audio(path, SAMPLE_RATE)
+    clips = None
+    if fvd_clips:
+        from vasa_jax.metrics import fvd
+        from vasa_jax.models import syncnet
+
+        clips = fvd.video_clips(frames[syncnet.frames_at_25fps(len(frames), fps)])
     h, w = frames.shape[1:3]
     if min(h, w) < analysis_size:
         k = analysis_size / min(h, w)
@@ -154,7 +172,7 @@ def analyze_video(path: str, analyzer, *, analysis_size: int = 256, audio_dir: s
         name=name, fps=float(fps), pose=full(labels["pose"][:, :3]),
         mouth=full(labels["mouth_open"]), blink=full(labels["blink"]), landmarks=full(mesh),
         inter_ocular=float(np.median(np.linalg.norm(eyes[:, 0] - eyes[:, 1], axis=-1))),
-        face_share=share, audio=audio, frames=crops, sync_crops=synced)
+        face_share=share, audio=audio, frames=crops, sync_crops=synced, fvd_clips=clips)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -268,6 +286,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--syncnet", default=None,
                         help="SyncNet weights converted by `python -m vasa_jax.models.syncnet "
                              "convert --weights syncnet_v2.model --out DIR` (Sc, SD columns)")
+    parser.add_argument("--i3d", default=None,
+                        help="I3D weights converted by `python -m vasa_jax.models.i3d convert "
+                             "--weights rgb_imagenet.pt --out DIR` (FVD25 column; needs --real)")
     parser.add_argument("--analysis_size", type=int, default=256,
                         help="frames smaller than this (px) are upscaled for face tracking")
     parser.add_argument("--out", required=True, help="report folder")
@@ -278,6 +299,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.analysis_size < 64:
         raise ValueError(f"--analysis_size must be >= 64, got {args.analysis_size}")
+    if args.i3d:
+        from vasa_jax.models import i3d
+
+        if not os.path.isdir(args.i3d):
+            raise FileNotFoundError(f"--i3d {args.i3d!r} does not exist; convert "
+                                    f"rgb_imagenet.pt with `{i3d.CONVERT_COMMAND}`")
+        if not args.real:
+            raise ValueError("--i3d needs --real: FVD25 compares the generated clips with the "
+                             "real ones")
     sets = {"generated": list_videos(args.generated)}
     if args.real:
         sets["real"] = list_videos(args.real)
@@ -297,16 +327,25 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--syncnet {args.syncnet!r} does not exist; convert "
                                     f"syncnet_v2.model with `{syncnet.CONVERT_COMMAND}`")
         sync_scorer = syncnet.SyncNetScorer.load(args.syncnet)
+    i3d_features = None
+    if args.i3d:
+        from vasa_jax.metrics import fvd
+
+        i3d_features = fvd.I3DFeatures.load(args.i3d)
     analyzer = fa.FaceAnalyzer(backend="tflite")
     rows, labels = [], {}
+    clip_features = {s: [] for s in sets}  # FVD25: [N_k, 400] per video
     for set_name, paths in sets.items():
         for path in paths:
             v = analyze_video(path, analyzer, analysis_size=args.analysis_size,
                               audio_dir=args.audio, keep_crops=crop_size,
-                              sync_crops=sync_scorer is not None)
+                              sync_crops=sync_scorer is not None,
+                              fvd_clips=i3d_features is not None)
             rows.append({"set": set_name, "video": v.name, "frames": len(v.pose),
                          **video_metrics(v, scorer, id_embed, sync_scorer)})
-            v.sync_crops = None  # 150 KB a frame: not kept past scoring
+            if i3d_features is not None and len(v.fvd_clips):
+                clip_features[set_name].append(i3d_features.features(v.fvd_clips))
+            v.sync_crops = v.fvd_clips = None  # 150 KB a frame: not kept past scoring
             labels[(set_name, v.name)] = v
             print(f"{set_name}/{v.name}: " + ", ".join(
                 f"{k} {_fmt(rows[-1][k])}" for k in ("Sc", "SD", "dP", "lip r", "jitter", "CAPP")))
@@ -318,9 +357,15 @@ def run(args: argparse.Namespace) -> int:
         row["eye fidelity"] = _pearson(1 - gen.blink, 1 - real.blink) if ok else float("nan")
     table = {s: {c: _mean([r[c] for r in rows if r["set"] == s])
                  for c in COLUMNS + ("id drift/min",) + SYNC_COLUMNS} for s in sets}
+    fvd_report = None
+    if i3d_features is not None:
+        fvd_report = set_fvd({s: np.concatenate(f) if f else np.zeros((0, 0))
+                              for s, f in clip_features.items()})
+        for s in sets:
+            table[s]["FVD25"] = fvd_report["FVD25"].get(s, float("nan"))
     os.makedirs(args.out, exist_ok=True)
     md = _markdown(table, {s: len(p) for s, p in sets.items()}, scorer is not None,
-                   id_embed is not None, sync_scorer is not None)
+                   id_embed is not None, sync_scorer is not None, fvd_report)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "videos.csv"), "w", newline="") as f:
@@ -328,10 +373,11 @@ def run(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
     with open(os.path.join(args.out, "report.json"), "w") as f:
-        not_computed = dict(NOT_BUILT, **({} if sync_scorer else dict.fromkeys(SYNC_COLUMNS,
-                                                                               NO_SYNCNET)))
-        json.dump({"sets": table, "videos": rows, "not_built": not_computed}, f, indent=2,
-                  default=lambda x: None if not np.isfinite(x) else x)
+        not_computed = {**({} if sync_scorer else dict.fromkeys(SYNC_COLUMNS, NO_SYNCNET)),
+                        **({} if fvd_report else {"FVD25": NO_I3D})}
+        json.dump({"sets": table, "videos": rows, "not_built": not_computed,
+                   **({"fvd": {"clips": fvd_report["clips"]}} if fvd_report else {})}, f,
+                  indent=2, default=lambda x: None if not np.isfinite(x) else x)
     _plot(rows, list(sets), os.path.join(args.out, "metrics.png"), sync_scorer is not None)
     print(md)
     return 0
@@ -351,19 +397,42 @@ def _face_id(path: str):
                                           for i in range(0, len(crops), 64)])), size
 
 
+def set_fvd(features: dict[str, np.ndarray]) -> dict:
+    """FVD25 of every set's clip features [N_s, 400] against the "real" set's:
+    {"FVD25": {set: value}, "clips": {set: N_s}}; a set (or a real set) with fewer than 2
+    clips gets no value. The real set itself gets none either (it is the reference)."""
+    from vasa_jax.metrics import fvd
+
+    clips = {s: int(len(f)) for s, f in features.items()}
+    out = {}
+    for s, f in features.items():
+        if s != "real" and clips[s] >= 2 and clips.get("real", 0) >= 2:
+            out[s] = fvd.fvd(features["real"], f)
+    return {"FVD25": out, "clips": clips}
+
+
 def _markdown(table: dict, counts: dict, has_capp: bool, has_id: bool,
-              has_sync: bool = False) -> str:
+              has_sync: bool = False, fvd_report: dict | None = None) -> str:
     head = ["set", "videos", "Sc", "SD", *COLUMNS[:1], "dP", "FVD25", *COLUMNS[2:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s, m in table.items():
         sync = [_fmt(m[c]) if has_sync else NO_SYNCNET for c in SYNC_COLUMNS]
-        cells = [s, str(counts[s]), *sync, _fmt(m["CAPP"]),
-                 _fmt(m["dP"]), NOT_BUILT["FVD25"], *(_fmt(m[c]) for c in COLUMNS[2:])]
+        fvd = _fmt(m["FVD25"]) if fvd_report else NO_I3D
+        cells = [s, str(counts[s]), *sync, _fmt(m["CAPP"]), _fmt(m["dP"]), fvd,
+                 *(_fmt(m[c]) for c in COLUMNS[2:])]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     if not has_sync:
         notes.append("Sc/SD: pass --syncnet DIR (syncnet_v2.model converted with `python -m "
                      "vasa_jax.models.syncnet convert --weights syncnet_v2.model --out DIR`).")
+    if fvd_report is None:
+        notes.append("FVD25: pass --i3d DIR (pytorch-i3d's rgb_imagenet.pt converted with "
+                     "`python -m vasa_jax.models.i3d convert --weights rgb_imagenet.pt --out "
+                     "DIR`) and --real.")
+    else:
+        notes.append("FVD25: against the real set, over 25-frame clips (" + ", ".join(
+            f"{s} {n}" for s, n in fvd_report["clips"].items()) + "); fewer than 2 in a set: "
+            "no value.")
     if not has_capp:
         notes.append("CAPP: pass --capp RUN (a configs/capp.py training run).")
     if not has_id:

@@ -18,6 +18,7 @@ singular, which they are whenever a set has fewer clips than the 400 feature dim
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import cv2
@@ -87,6 +88,22 @@ def video_clips(frames: np.ndarray, clip_frames: int = CLIP_FRAMES, stride: int 
                     ) if count else np.zeros((0, clip_frames, size, size, 3), np.uint8)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _i3d_features(graphdef, state, clips: jax.Array) -> jax.Array:
+    """clips uint8 [B, T, 224, 224, 3] -> the model's features [B, 400], frames in [-1, 1].
+    Module-level and keyed on the (hashable) graphdef: loading the same weights again does
+    not recompile."""
+    from flax import nnx
+
+    return nnx.merge(graphdef, state)(clips.astype(jnp.float32) / 127.5 - 1.0)
+
+
+def default_batch() -> int:
+    """Clips per I3D call: 1 on CPU (a padded last batch would be wasted work there), 8 on
+    accelerators."""
+    return 1 if jax.default_backend() == "cpu" else 8
+
+
 class I3DFeatures:
     """FVD features of clips with an `i3d.InceptionI3d`, `batch` clips per compiled call.
 
@@ -94,21 +111,14 @@ class I3DFeatures:
     [-1, 1] (x / 127.5 - 1) on the device; the last batch is padded to the compiled shape.
     """
 
-    def __init__(self, model, batch: int = 4):
+    def __init__(self, model, batch: int | None = None):
         from flax import nnx
 
         self.graphdef, self.state = nnx.split(model)
-        self.batch = int(batch)
-        graphdef = self.graphdef
-
-        def features(state, clips):  # uint8 [batch, T, 224, 224, 3]
-            x = clips.astype(jnp.float32) / 127.5 - 1.0
-            return nnx.merge(graphdef, state)(x)
-
-        self._features = jax.jit(features)
+        self.batch = int(batch or default_batch())
 
     @classmethod
-    def load(cls, path: str, batch: int = 4) -> "I3DFeatures":
+    def load(cls, path: str, batch: int | None = None) -> "I3DFeatures":
         from vasa_jax.models import i3d
 
         return cls(i3d.load_i3d(path), batch)
@@ -123,7 +133,7 @@ class I3DFeatures:
             m = len(chunk)
             if m < self.batch:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - m, 0)])
-            out.append(np.asarray(self._features(self.state, chunk))[:m])
+            out.append(np.asarray(_i3d_features(self.graphdef, self.state, chunk))[:m])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def set_features(self, videos: Sequence[np.ndarray]) -> np.ndarray:
