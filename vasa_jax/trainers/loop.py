@@ -333,6 +333,19 @@ class ImageFn:
         return tuple(rows.values())
 
 
+def jit_step(graphdef: Any, stage: Stage, seed: int, shardings: Any,
+             batch_sharding: NamedSharding, replicated: NamedSharding) -> Callable:
+    """The jitted step (`make_step_fn`) with the state sharded by `shardings` (and donated),
+    the batch by `batch_sharding`, the step index and frozen networks replicated: what
+    `train` runs and `vasa_jax.bench.aot` compiles for a TPU topology ahead of time."""
+    return jax.jit(
+        make_step_fn(graphdef, stage, seed),
+        in_shardings=(shardings, batch_sharding, replicated, replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           make_stage: Callable[[ml_collections.ConfigDict], Stage], *,
           compiler_options: Mapping[str, Any] | None = None) -> TrainResult:
@@ -396,12 +409,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             logging.info("nothing to do: step %d >= train.total_steps %d", step, t.total_steps)
             return TrainResult(step, graphdef, state, {}, None, {}, False)
 
-        step_fn = jax.jit(
-            make_step_fn(graphdef, stage, config.seed),
-            in_shardings=(shardings, batch_sharding, replicated, replicated),
-            out_shardings=(shardings, replicated),
-            donate_argnums=0,
-        )
+        step_fn = jit_step(graphdef, stage, config.seed, shardings, batch_sharding, replicated)
         start = time.perf_counter()
         batch, skipped = next_batch()
         first_wait = time.perf_counter() - start
