@@ -37,6 +37,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Runs the stage's `validate` (configs/<config.stage>.py). Returns the config."""
     module = _module_for(config.stage)
     module.validate(config)
+    if "evals" in config:
+        from configs.common import validate_evals
+
+        validate_evals(config.evals, int(config.train.eval_every))
     return config
 
 

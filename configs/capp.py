@@ -57,6 +57,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = {"tiny": 500, "small": 5000, "full": 5000}[size]
     c.train.image_every = 0
     c.train.ema_decay = {"tiny": 0.99, "small": 0.999, "full": 0.999}[size]
+    # The frame-shift curve on the held-out clips, every train.eval_every steps.
+    c.evals = common.evals_config(shift=dict(type="capp", data="", max_shift=4, stride=5))
     c.optim = common.optim_config(size)
     c.optim.b1, c.optim.b2 = 0.9, 0.98  # CLIP's
     c.optim.lr = {"tiny": 1e-3, "small": 5e-4, "full": 5e-4}[size]

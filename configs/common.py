@@ -205,6 +205,10 @@ def train_config(size: str) -> ml_collections.ConfigDict:
     t.image_every = {"tiny": 100, "small": 1000, "full": 2500}[size]
     t.image_samples = 4  # batch rows shown in image summaries
     t.checkpoint_every = {"tiny": 100, "small": 2500, "full": 5000}[size]
+    # Evaluators of the config's `evals` section run every eval_every steps on the newest
+    # checkpoint (one is saved then if needed); their numbers go to TensorBoard and
+    # metrics.jsonl as eval/<name>/<metric>. 0 = off.
+    t.eval_every = 0
     t.keep_checkpoints = 3  # newest checkpoints kept
     t.keep_period = 0  # also keep every checkpoint at a multiple of this step (0 = none)
     t.async_checkpoints = True
@@ -220,11 +224,37 @@ def validate_train(t: ml_collections.ConfigDict) -> None:
     check(t.max_minutes >= 0, f"train.max_minutes must be >= 0 (0 = off), got {t.max_minutes}")
     check(isinstance(t.max_bad_steps, int) and t.max_bad_steps >= 0,
           f"train.max_bad_steps must be an integer >= 0 (0 = never stop), got {t.max_bad_steps}")
-    for name in ("image_every", "checkpoint_every", "keep_period"):
+    for name in ("image_every", "checkpoint_every", "keep_period", "eval_every"):
         check(t[name] >= 0, f"train.{name} must be >= 0 (0 = off), got {t[name]}")
     check(t.image_samples > 0, f"train.image_samples must be > 0, got {t.image_samples}")
     check(t.keep_checkpoints > 0, f"train.keep_checkpoints must be > 0, got {t.keep_checkpoints}")
     check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+
+
+def evals_config(**evals: dict) -> ml_collections.ConfigDict:
+    """The `evals` section (big_vision style): name -> {type: a `python -m vasa_jax.evaluate`
+    evaluator, data: its dataset folder ("" = the run's data.path), and any fields of that
+    evaluator's Settings}. They run every train.eval_every steps (0 = never)."""
+    return ml_collections.ConfigDict({k: dict(v) for k, v in evals.items()})
+
+
+def validate_evals(evals: ml_collections.ConfigDict, eval_every: int) -> None:
+    """Each entry names a known evaluator that can run during training, with options that
+    are fields of its Settings (imported only when train.eval_every > 0)."""
+    from vasa_jax.evaluate import EVALUATORS
+
+    for name, spec in evals.items():
+        check("type" in spec, f"evals.{name} needs a type (one of {sorted(EVALUATORS)})")
+        check_choice(spec.type, tuple(EVALUATORS), f"evals.{name}.type")
+    if eval_every:
+        from vasa_jax.evaluate import training_settings
+
+        for name, spec in evals.items():
+            try:
+                training_settings(spec.type, {k: v for k, v in spec.items()
+                                              if k not in ("type", "data")}, step=0)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"evals.{name}: {e}") from e
 
 
 def optim_config(size: str) -> ml_collections.ConfigDict:

@@ -132,6 +132,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.model = model_config(arg.size, c.data.get_ref("image_size"))
     c.mesh = common.mesh_config("conv")
     c.train = common.train_config(arg.size)
+    # Reenactment quality, probes and (with an expression meter) transfer on a few held-out
+    # clips, run every train.eval_every steps when that is > 0.
+    c.evals = common.evals_config(reenact=dict(
+        type="face_latent", data="", max_clips=8, frames_per_clip=4, probe_clips=64,
+        probe_frames_per_clip=8, probe_eval_frames_per_clip=16, expression_meter=""))
     c.optim = common.optim_config(arg.size)  # generator
     c.disc_optim = common.optim_config(arg.size)  # discriminator
     if arg.size == "tiny":  # the small CPU model trains faster at a higher rate

@@ -124,6 +124,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = {"tiny": 500, "small": 5000, "full": 5000}[size]
     c.train.image_every = 0  # stage 2 has no image summary
     c.train.ema_decay = {"tiny": 0.995, "small": 0.999, "full": 0.9999}[size]
+    # Lip sync, dP and control errors on a few held-out clips, every train.eval_every steps.
+    c.evals = common.evals_config(motion=dict(
+        type="motion", data="", num_clips=8, seeds=1, control_clips=4, probe_clips=64))
     c.optim = common.optim_config(size)
     c.optim.b1 = 0.9  # transformer recipe, not MegaPortraits' GAN betas
     c.optim.b2 = 0.999

@@ -11,12 +11,24 @@ Each evaluator is a module of this package with:
 
 Modules are imported only when asked for (each pulls in its models). A new evaluator is
 one module plus one line in EVALUATORS.
+
+During training (config.evals, every train.eval_every steps; vasa_jax.trainers.loop), an
+evaluator that also has
+
+    Settings (a dataclass with `step` and `progress` fields)
+    evaluate(workdir, data, settings) -> dict    its results as JSON-like data
+
+is run by `evaluate_during_training` on the checkpoint just saved, and its numbers
+(`scalars`) are logged as eval/<name>/<path>.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import math
 from types import ModuleType
+from typing import Any, Mapping
 
 # name -> module (relative to this package).
 EVALUATORS = {
@@ -34,4 +46,41 @@ def get_evaluator(name: str) -> ModuleType:
     return importlib.import_module(EVALUATORS[name])
 
 
-__all__ = ["EVALUATORS", "get_evaluator"]
+def training_settings(name: str, options: Mapping[str, Any], step: int) -> Any:
+    """The Settings of evaluator `name` with `options` for checkpoint `step` (no progress
+    bars). ValueError: the evaluator cannot run during training, or an unknown option."""
+    module = get_evaluator(name)
+    if not hasattr(module, "Settings") or not hasattr(module, "evaluate"):
+        raise ValueError(f"evaluator {name!r} cannot run during training (no Settings / "
+                         "evaluate)")
+    fields = {f.name for f in dataclasses.fields(module.Settings)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} of evaluator {name!r}; it takes "
+                         f"{sorted(fields - {'step', 'progress'})}")
+    return module.Settings(**{**dict(options), "step": step, "progress": False})
+
+
+def scalars(result: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numbers of a nested result dict, keyed by their path ("a/b/c")."""
+    out: dict[str, float] = {}
+    for key, value in result.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(scalars(value, path + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                out[path] = float(value)
+    return out
+
+
+def evaluate_during_training(name: str, workdir: str, data: str, options: Mapping[str, Any],
+                             step: int) -> dict[str, float]:
+    """Runs evaluator `name` (`options`: fields of its Settings) on checkpoint `step` of
+    `workdir` with dataset `data`; returns `scalars` of its results."""
+    settings = training_settings(name, options, step)
+    return scalars(get_evaluator(name).evaluate(workdir, data, settings))
+
+
+__all__ = ["EVALUATORS", "evaluate_during_training", "get_evaluator", "scalars",
+           "training_settings"]

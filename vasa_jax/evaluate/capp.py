@@ -148,6 +148,47 @@ def shift_curve(scorer: CappScorer, clips: list[tuple[np.ndarray, np.ndarray, in
             "windows": int(len(audio_w))}
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What `evaluate` measures (the CLI flags)."""
+
+    split: str = "test"
+    max_shift: int = 4  # largest frame shift of the curve
+    stride: int = 5  # frames between windows
+    step: int | None = None  # checkpoint step (None: latest)
+    progress: bool = True  # (nothing here is slow enough for a bar)
+
+    def __post_init__(self):
+        if self.split not in schema.SPLITS:
+            raise ValueError(f"split must be one of {schema.SPLITS}, got {self.split!r}")
+        if self.max_shift < 0 or self.stride < 1:
+            raise ValueError(f"--max_shift must be >= 0 and --stride >= 1, got "
+                             f"{self.max_shift}, {self.stride}")
+
+
+def evaluate(workdir: str, data: str, settings: Settings = Settings()) -> dict[str, Any]:
+    """The frame-shift curve and shuffled-audio score of a CAPP run on `data`'s split:
+    {"shift": {s: score}, "shuffled", "windows", "clips", "step", ...}."""
+    scorer = CappScorer.load(workdir, settings.step)
+    d = scorer.config.data
+    index = load_clip_index(data, settings.split)
+    source = schema.read_records(index.paths)
+    clips = []
+    for i in range(len(index)):
+        clip = schema.decode_clip(source[i])
+        if clip.num_frames < scorer.window + 2 * settings.max_shift:
+            continue
+        motion, audio = clip_sequences(clip, d.motion_source, d.audio_source,
+                                       int(d.audio.n_mels))
+        clips.append((motion[:, list(scorer.columns)], audio, int(index.identity_id[i])))
+    if not clips:
+        raise ValueError(f"no {settings.split} clip of {data!r} has {scorer.window} + 2 * "
+                         f"{settings.max_shift} frames")
+    result = shift_curve(scorer, clips, settings.max_shift, settings.stride)
+    result.update(step=scorer.step, clips=len(clips), split=settings.split, data=data)
+    return result
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="a CAPP training run")
     parser.add_argument("--data", required=True, help="clip records (SynthTalk or preprocessed)")
@@ -159,28 +200,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_shift < 0 or args.stride < 1:
-        raise ValueError(f"--max_shift must be >= 0 and --stride >= 1, got {args.max_shift}, "
-                         f"{args.stride}")
-    scorer = CappScorer.load(args.workdir, args.step)
-    d = scorer.config.data
-    index = load_clip_index(args.data, args.split)
-    source = schema.read_records(index.paths)
-    clips = []
-    for i in range(len(index)):
-        clip = schema.decode_clip(source[i])
-        if clip.num_frames < scorer.window + 2 * args.max_shift:
-            continue
-        motion, audio = clip_sequences(clip, d.motion_source, d.audio_source,
-                                       int(d.audio.n_mels))
-        clips.append((motion[:, list(scorer.columns)], audio, int(index.identity_id[i])))
-    if not clips:
-        raise ValueError(f"no {args.split} clip of {args.data!r} has {scorer.window} + 2 * "
-                         f"{args.max_shift} frames")
-    result = shift_curve(scorer, clips, args.max_shift, args.stride)
-    result.update(step=scorer.step, clips=len(clips), split=args.split, data=args.data)
-    print(f"CAPP step {scorer.step}, {len(clips)} {args.split} clips, {result['windows']} "
-          "windows of 3 s")
+    settings = Settings(split=args.split, max_shift=args.max_shift, stride=args.stride,
+                        step=args.step)
+    result = evaluate(args.workdir, args.data, settings)
+    print(f"CAPP step {result['step']}, {result['clips']} {args.split} clips, "
+          f"{result['windows']} windows of 3 s")
     print("| shift (frames) | " + " | ".join(f"{s:+d}" for s in result["shift"]) + " |")
     print("|---|" + "---|" * len(result["shift"]))
     print("| CAPP | " + " | ".join(f"{v:.3f}" for v in result["shift"].values()) + " |")

@@ -43,6 +43,10 @@ What `train` does, in order:
      metrics at log steps; once train.max_bad_steps steps in a row were bad, the run logs
      one line saying so, saves (the state is the last good one) and returns with
      stopped_early and stop_reason set.
+  5c. Evaluation (big_vision style): every train.eval_every steps (and at the last step) the
+     evaluators of config.evals (`vasa_jax.evaluate.evaluate_during_training`) run on the
+     checkpoint of that step (saved then if needed); their numbers are logged as
+     eval/<name>/<key> next to the losses. Single-process runs only.
   6. Stopping early: SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a
      checkpoint and returns; a second Ctrl-C aborts at once. With several processes, a
      cluster preemption notice (orbax `reached_preemption`) does the same, and a local
@@ -466,6 +470,29 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             totals["checkpoint"] += blocked
             interval["checkpoint"] += blocked
 
+        evals = dict(config.get("evals", {}))
+        eval_every = int(t.get("eval_every", 0)) if evals else 0
+        if eval_every and jax.process_count() > 1:
+            logging.warning("config.evals run in single-process training only: skipped with "
+                            "%d processes (evaluate the checkpoints with python -m "
+                            "vasa_jax.evaluate)", jax.process_count())
+            eval_every = 0
+
+        def run_evals(at_step: int) -> None:
+            """config.evals on checkpoint `at_step`: numbers logged as eval/<name>/<key>."""
+            from vasa_jax import evaluate as evaluate_lib  # evaluators load their models
+
+            checkpointer.wait()
+            for name, spec in evals.items():
+                spec = dict(spec)
+                kind, data = spec.pop("type"), spec.pop("data", "") or config.data.path
+                start = time.perf_counter()
+                numbers = evaluate_lib.evaluate_during_training(kind, workdir, data, spec,
+                                                                at_step)
+                writer.write_scalars(at_step, {f"eval/{name}/{k}": v for k, v in numbers.items()})
+                logging.info("eval %s (%s) at step %d in %.1f s: %d numbers", name, kind,
+                             at_step, time.perf_counter() - start, len(numbers))
+
         pending: list[Metrics] = []
         max_bad = int(t.get("max_bad_steps", 10))
         bad_streak, diverged = 0, False  # consecutive skipped steps, up to the last log step
@@ -551,6 +578,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                     write_images(step)
                 if save_now:
                     save(step)
+                if eval_every and (step % eval_every == 0 or step == t.total_steps):
+                    if last_saved != step:
+                        save(step)
+                    run_evals(step)
                 # train.max_minutes: checked at log steps, so all processes agree on it.
                 out_of_time = (budget > 0 and log_now
                                and time.perf_counter() - loop_start > budget)
