@@ -58,7 +58,14 @@ def abstract_batch(stage, config, batch_sharding):
     import jax
     import numpy as np
 
+    from vasa_jax.parallel import sharding
+
     global_batch = int(config.data.batch_size)
+    fits = sharding.round_batch_size(batch_sharding.mesh, global_batch)
+    if fits != global_batch:
+        raise ValueError(f"data.batch_size {global_batch} does not split over the mesh's batch "
+                         f"axes ({dict(batch_sharding.mesh.shape)}): pass e.g. --set "
+                         f"data.batch_size={fits}")
     local = next(iter(stage.make_dataset(0, 1)))
     return {k: jax.ShapeDtypeStruct((global_batch,) + np.shape(local[k])[1:],
                                     np.asarray(local[k]).dtype, sharding=batch_sharding)
@@ -114,7 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     graphdef, abstract, shardings = sharding.abstract_state(stage.create_state, mesh, rules)
     counts = loop.param_counts(nnx.merge(graphdef, abstract))
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts.items()))
-    batch = abstract_batch(stage, config, batch_sharding)
+    try:
+        batch = abstract_batch(stage, config, batch_sharding)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
                                                          sharding=replicated), stage.frozen)
     step_index = jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
