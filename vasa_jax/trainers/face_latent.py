@@ -387,6 +387,10 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainResult:
-    """Trains stage 1 in `workdir` (resuming from its latest checkpoint, if any)."""
-    return loop.train(config, workdir, make_stage)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       compiler_options=None) -> loop.TrainResult:
+    """Trains stage 1 in `workdir` (resuming from its latest checkpoint, if any).
+
+    compiler_options: XLA options for the step (e.g. loop.FAST_CPU_COMPILE in tests).
+    """
+    return loop.train(config, workdir, make_stage, compiler_options=compiler_options)
