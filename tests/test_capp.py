@@ -50,7 +50,12 @@ def test_model_shapes_unit_embeddings_and_bad_input():
     with pytest.raises(ValueError, match=r"pose must be \[B, 20, 3\]"):
         model.encode_pose(jnp.zeros((4, 19, 3)))
     feats = capp.pose_features(jnp.arange(6, dtype=jnp.float32).reshape(1, 3, 2))
+    np.testing.assert_allclose(np.asarray(feats[0, :, :2]), [[-2, -2], [0, 0], [2, 2]])
     np.testing.assert_allclose(np.asarray(feats[0, :, 2:]), [[0, 0], [2, 2], [2, 2]])
+    # A constant head offset does not change the embedding: CAPP reads motion.
+    pose = jax.random.normal(jax.random.key(0), (2, 20, 3))
+    np.testing.assert_allclose(np.asarray(model.encode_pose(pose)),
+                               np.asarray(model.encode_pose(pose + 7.0)), atol=1e-5)
 
 
 def _synthetic_pairs(rng, batch, window, lag=0):
@@ -84,7 +89,7 @@ def test_capp_learns_timing_on_synthetic_pairs():
 
     rng = np.random.default_rng(0)
     losses = [float(step(model, opt, *_synthetic_pairs(rng, 32, window))) for _ in range(150)]
-    assert np.mean(losses[-10:]) < 0.75 * np.log(32)  # chance is log(32)
+    assert np.mean(losses[-10:]) < 0.85 * np.log(32)  # chance is log(32)
     curve = {}
     for lag in (0, 1, 3):
         pe, ae = model(*_synthetic_pairs(np.random.default_rng(1), 64, window, lag))

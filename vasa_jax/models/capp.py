@@ -56,8 +56,13 @@ def _pool_project(blocks, norm, proj, h: jax.Array, rng: jax.Array | None) -> ja
 
 
 def pose_features(pose: jax.Array) -> jax.Array:
-    """pose [B, W, P] -> [B, W, 2P]: the pose and its frame-to-frame change (zero at the
-    first frame). The change sharpens the model's sense of timing (the frame-shift curve)."""
+    """pose [B, W, P] -> [B, W, 2P]: the pose less its mean over the window, and its
+    frame-to-frame change (zero at the first frame). Removing the mean makes CAPP judge how
+    the head moves, not where it points: with it, a model trained on SynthTalk matched
+    training clips by their constant head offset (in-batch accuracy 0.99) and scored
+    held-out pairs at chance (-0.03, the same at every shift). The change sharpens its
+    sense of timing (the frame-shift curve)."""
+    pose = pose - jnp.mean(pose, axis=1, keepdims=True)
     vel = jnp.concatenate([jnp.zeros_like(pose[:, :1]), pose[:, 1:] - pose[:, :-1]], axis=1)
     return jnp.concatenate([pose, vel], axis=-1)
 
