@@ -67,9 +67,10 @@ def abstract_batch(stage, config, batch_sharding):
                          f"axes ({dict(batch_sharding.mesh.shape)}): pass e.g. --set "
                          f"data.batch_size={fits}")
     local = next(iter(stage.make_dataset(0, 1)))
-    return {k: jax.ShapeDtypeStruct((global_batch,) + np.shape(local[k])[1:],
-                                    np.asarray(local[k]).dtype, sharding=batch_sharding)
-            for k in stage.batch_keys}
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((global_batch,) + np.shape(x)[1:], np.asarray(x).dtype,
+                                       sharding=batch_sharding),
+        {k: local[k] for k in stage.batch_keys})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
