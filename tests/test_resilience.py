@@ -291,12 +291,8 @@ def _stopped_trainer(config, workdir):
 
 
 def test_train_py_exits_non_zero_after_a_bad_step_streak(tmp_path, monkeypatch, capsys):
-    import importlib.util
+    import train as train_cli  # one import per process: train.py defines absl flags
 
-    spec = importlib.util.spec_from_file_location(
-        "train_cli", os.path.join(os.path.dirname(os.path.dirname(__file__)), "train.py"))
-    train_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_cli)
     monkeypatch.setitem(train_cli.TRAINERS, "motion_dit",
                         "tests.test_resilience:_stopped_trainer")
     config = configs.load("configs/motion_dit.py:size=tiny")
