@@ -132,3 +132,27 @@ def run_main(main: Callable[[], int]) -> None:
     flags.FLAGS.mark_as_parsed()  # grain workers read absl flags; argparse parses ours
     logging.set_verbosity(logging.INFO)
     sys.exit(main())
+
+
+def convert_weights_main(argv, *, prog: str, name: str, description: str, weights_help: str,
+                         flag: str, convert: Callable[[str, str], Any]) -> int:
+    """`python -m PROG convert --weights FILE --out DIR` of a ported network (SyncNet, I3D):
+    `convert(weights, out)` -> params; bad input is one line (run_guarded)."""
+    import jax
+    import numpy as np
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help=f"{weights_help} (torch) -> our params format "
+                          "(read without torch)")
+    conv.add_argument("--weights", required=True, help=f"{weights_help} (a torch state dict)")
+    conv.add_argument("--out", required=True, help=f"output folder (then {flag} OUT)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        params = convert(args.weights, args.out)
+        count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+        print(f"wrote {name} ({count / 1e6:.1f} M values) to {args.out}")
+        return 0
+
+    return run_guarded(body)

@@ -45,7 +45,6 @@ report's FVD25 column (`vasa_jax.metrics.fvd`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -326,22 +325,9 @@ def load_i3d(path: str) -> InceptionI3d:
 def main(argv: Sequence[str] | None = None) -> int:
     from vasa_jax import cli
 
-    parser = argparse.ArgumentParser(prog="python -m vasa_jax.models.i3d",
-                                     description="I3D weights for the FVD metric.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="pytorch-i3d's rgb_imagenet.pt (torch) -> our params "
-                          "format (read without torch)")
-    conv.add_argument("--weights", required=True, help="rgb_imagenet.pt (a torch state dict)")
-    conv.add_argument("--out", required=True, help="output folder (then --i3d OUT)")
-    args = parser.parse_args(argv)
-
-    def body() -> int:
-        params = convert(args.weights, args.out)
-        count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-        print(f"wrote I3D ({count / 1e6:.1f} M values) to {args.out}")
-        return 0
-
-    return cli.run_guarded(body)
+    return cli.convert_weights_main(
+        argv, prog="python -m vasa_jax.models.i3d", name="I3D", description="I3D weights for the FVD metric.",
+        weights_help="pytorch-i3d's rgb_imagenet.pt", flag="--i3d", convert=convert)
 
 
 if __name__ == "__main__":

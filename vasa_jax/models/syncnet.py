@@ -45,7 +45,6 @@ ffmpeg: both can move the scores a little against published numbers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -516,22 +515,9 @@ class SyncNetScorer:
 def main(argv: Sequence[str] | None = None) -> int:
     from vasa_jax import cli
 
-    parser = argparse.ArgumentParser(prog="python -m vasa_jax.models.syncnet",
-                                     description="SyncNet weights for the Sc / SD metrics.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="syncnet_python's syncnet_v2.model (torch) -> our "
-                          "params format (read without torch)")
-    conv.add_argument("--weights", required=True, help="syncnet_v2.model (a torch state dict)")
-    conv.add_argument("--out", required=True, help="output folder (then --syncnet OUT)")
-    args = parser.parse_args(argv)
-
-    def body() -> int:
-        params = convert(args.weights, args.out)
-        count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-        print(f"wrote SyncNet ({count / 1e6:.1f} M values) to {args.out}")
-        return 0
-
-    return cli.run_guarded(body)
+    return cli.convert_weights_main(
+        argv, prog="python -m vasa_jax.models.syncnet", name="SyncNet", description="SyncNet weights for the Sc / SD metrics.",
+        weights_help="syncnet_python's syncnet_v2.model", flag="--syncnet", convert=convert)
 
 
 if __name__ == "__main__":
