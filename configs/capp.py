@@ -6,12 +6,18 @@
 Variants: `size=tiny` (CPU: SynthTalk in a few minutes on 2 cores), `size=full` (the
 paper's 6-layer pose transformer, 3-second windows). Sections:
 
-  data   3-second windows of pose and audio (configs.common.data_stage2 with W = 75 frames
-         and no context: the stage-2 loader, so the same records, splits and audio
-         frontends). data.motion_source gives the pose: "labels" (SynthTalk's, or the
-         real-video preprocessing's estimated head pose).
-  model  vasa_jax.models.capp.CAPP; model.pose_dims: which MOTION_DIM_NAMES the pose
-         encoder reads (default the three angles: what can be re-extracted from a video).
+  data   windows of pose and audio (configs.common.data_stage2 with no context: the
+         stage-2 loader, so the same records, splits and audio frontends), each
+         model.window + 2 * max|loss.shift_negatives| frames long (the margin the shifted
+         negatives read). data.motion_source gives the pose: "labels" (SynthTalk's, or
+         the real-video preprocessing's estimated head pose).
+  model  vasa_jax.models.capp.CAPP over 3-second windows (model.window = 75 frames);
+         model.pose_dims: which MOTION_DIM_NAMES the pose encoder reads (default the
+         three angles: what can be re-extracted from a video).
+  loss   shift_negatives: frame offsets at which a window's own audio, shifted, is an
+         extra negative for its pose (capp.clip_loss): what teaches CAPP timing. Empty:
+         in-batch negatives only (other clips), which a model can tell apart by how much
+         the head moves, never by when.
   train, optim, mesh: the shared loop's sections.
 """
 
@@ -22,10 +28,10 @@ from configs import common
 POSE_DIM_CHOICES = ("yaw", "pitch", "roll", "tx", "ty", "tz")
 
 
-def model_config(size: str, data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def model_config(size: str) -> ml_collections.ConfigDict:
     pick = lambda t, f: {"tiny": t, "small": f, "full": f}[size]  # noqa: E731
     m = ml_collections.ConfigDict()
-    m.window = data.get_ref("window")  # the learned positions are sized by it
+    m.window = 75  # 3 s at 25 fps (VASA-1); the learned positions are sized by it
     m.pose_dims = ("yaw", "pitch", "roll")
     m.pose_layers = 6  # the paper's 6-layer pose transformer at every size
     m.audio_layers = pick(2, 4)
@@ -39,6 +45,11 @@ def model_config(size: str, data: ml_collections.ConfigDict) -> ml_collections.C
     return m
 
 
+def shift_margin(shifts) -> int:
+    """Frames a training window reaches past model.window on each side: max |shift|."""
+    return max((abs(int(s)) for s in shifts), default=0)
+
+
 def get_config(arg=None) -> ml_collections.ConfigDict:
     arg = common.parse_arg(arg, size="full", choices={"size": common.SIZES})
     size = arg.size
@@ -47,10 +58,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.size = size
     c.seed = 0
     c.data = common.data_stage2(size)
-    c.data.window = 75  # 3 s at 25 fps (VASA-1)
     c.data.context = 0
     c.data.batch_size = {"tiny": 64, "small": 256, "full": 512}[size]  # negatives per step
-    c.model = model_config(size, c.data)
+    c.model = model_config(size)
+    c.loss = ml_collections.ConfigDict()
+    c.loss.shift_negatives = (-8, -4, -2, 2, 4, 8)
+    c.data.window = c.model.window + 2 * shift_margin(c.loss.shift_negatives)
     c.train = common.train_config(size)
     c.train.total_steps = {"tiny": 1500, "small": 50_000, "full": 100_000}[size]
     c.train.log_every = {"tiny": 50, "small": 100, "full": 100}[size]
@@ -75,8 +88,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     common.validate_data(c.data)
     check(c.data.context == 0, f"data.context must be 0 for CAPP, got {c.data.context}")
     m = c.model
-    check(m.window == c.data.window,
-          f"model.window {m.window} must equal data.window {c.data.window}")
+    shifts = tuple(c.loss.shift_negatives)
+    check(all(int(s) != 0 for s in shifts) and len(set(shifts)) == len(shifts),
+          f"loss.shift_negatives must be distinct non-zero frame offsets, got {shifts}")
+    margin = shift_margin(shifts)
+    check(c.data.window == m.window + 2 * margin,
+          f"data.window {c.data.window} must be model.window {m.window} + 2 * "
+          f"max|loss.shift_negatives| ({margin}) = {m.window + 2 * margin}")
     dims = tuple(m.pose_dims)
     check(len(dims) >= 1 and len(set(dims)) == len(dims)
           and all(d in POSE_DIM_CHOICES for d in dims),

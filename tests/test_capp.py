@@ -42,6 +42,34 @@ def test_clip_loss_prefers_matching_pairs():
     np.testing.assert_allclose(np.asarray(capp.score(e, e)), 1.0, atol=1e-5)
 
 
+def test_shifted_audio_is_a_hard_negative_for_its_own_pose():
+    rng = np.random.default_rng(0)
+    unit = lambda x: jnp.asarray(x / np.linalg.norm(x, axis=-1, keepdims=True), jnp.float32)  # noqa: E731
+    e = unit(rng.normal(size=(8, 16)))
+    far = unit(rng.normal(size=(8, 2, 16)))  # shifted audio that looks unlike the pose
+    near = unit(np.asarray(e)[:, None] + 0.05 * rng.normal(size=(8, 2, 16)))  # almost the same
+    plain, _ = capp.clip_loss(e, e, jnp.float32(20.0))
+    easy, m_easy = capp.clip_loss(e, e, jnp.float32(20.0), far)
+    hard, m_hard = capp.clip_loss(e, e, jnp.float32(20.0), near)
+    assert float(plain) <= float(easy) < float(hard)
+    np.testing.assert_allclose(float(m_easy["shift/accuracy"]), 1.0)
+    np.testing.assert_allclose(float(m_easy["accuracy"]), 1.0)
+    assert float(m_hard["cos/shifted"]) > float(m_easy["cos/shifted"])
+    # A shifted window beating the true one is a miss; in-batch retrieval is unaffected.
+    better = unit(np.asarray(e)[:, None].repeat(2, 1))
+    _, m_tie = capp.clip_loss(e, e * 0.9 + 0.1 * far[:, 0], jnp.float32(20.0), better)
+    assert float(m_tie["shift/accuracy"]) < 0.5
+    # The training windows: a centre and its offsets, s frames later each.
+    x = jnp.arange(2 * 14, dtype=jnp.float32).reshape(2, 14, 1)
+    centre, shifted = capp.shifted_windows(x, 10, (-2, 1))
+    np.testing.assert_allclose(np.asarray(centre[0, :, 0]), np.arange(2, 12))
+    np.testing.assert_allclose(np.asarray(shifted[1, 0, :, 0]), np.arange(14, 24))
+    np.testing.assert_allclose(np.asarray(shifted[1, 1, :, 0]), np.arange(17, 27))
+    assert capp.shifted_windows(x[:, :10], 10, ())[1] is None
+    with pytest.raises(ValueError, match=r"10 \+ 2 \* 2 frames"):
+        capp.shifted_windows(x[:, :12], 10, (2,))
+
+
 def test_model_shapes_unit_embeddings_and_bad_input():
     model = capp.CAPP(small_model_config(20), 3, 5, rngs=nnx.Rngs(0))
     pe, ae = model(jnp.zeros((4, 20, 3)), jnp.ones((4, 20, 5)))
@@ -99,7 +127,14 @@ def test_capp_learns_timing_on_synthetic_pairs():
 
 def test_config_validation():
     c = configs.load("configs/capp.py:size=tiny")
-    assert c.data.window == 75 and c.model.window == 75 and c.model.pose_layers == 6
+    assert c.model.window == 75 and c.model.pose_layers == 6
+    assert c.data.window == 75 + 2 * max(abs(s) for s in c.loss.shift_negatives)
+    with pytest.raises(ConfigError, match="data.window 75 must be model.window 75"):
+        configs.load("configs/capp.py:size=tiny", data__window=75)
+    assert configs.load("configs/capp.py:size=tiny", data__window=75,
+                        loss__shift_negatives=()).data.window == 75
+    with pytest.raises(ConfigError, match="non-zero"):
+        configs.load("configs/capp.py:size=tiny", loss__shift_negatives=(0, 2))
     with pytest.raises(ConfigError, match="pose_dims"):
         configs.load("configs/capp.py:size=tiny", model__pose_dims=("yaw", "nod"))
     with pytest.raises(ConfigError, match="context must be 0"):
@@ -120,7 +155,8 @@ def trained_run(tmp_path_factory):
     workdir = str(root / "run")
     c = configs.load("configs/capp.py:size=tiny", data__path=data, data__batch_size=8,
                      data__audio__n_mels=16, train__total_steps=4, train__log_every=2,
-                     train__checkpoint_every=2, optim__warmup_steps=1)
+                     train__checkpoint_every=2, optim__warmup_steps=1,
+                     loss__shift_negatives=(-2, 2), data__window=79)
     with c.unlocked():
         c.model = small_model_config(75)
     result = trainer.train_and_evaluate(c, workdir, compiler_options=loop.FAST_CPU_COMPILE)
@@ -133,7 +169,8 @@ def test_training_through_the_loop_and_restoring_ema_weights(trained_run):
     logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     rows = [r for r in logged if "loss/total" in r]
     assert rows and all(np.isfinite(r["loss/total"]) for r in rows)
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["shift/accuracy"] <= 1.0
+               for r in rows)
     scorer = capp_eval.CappScorer.load(workdir)
     assert scorer.step == 4 and scorer.columns == (0, 1, 2) and scorer.window == 75
     rng = np.random.default_rng(0)

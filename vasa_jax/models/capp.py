@@ -116,27 +116,55 @@ class CAPP(nnx.Module):
         return jnp.minimum(jnp.exp(self.logit_scale[...]), MAX_LOGIT_SCALE)
 
 
-def clip_loss(pose_emb: jax.Array, audio_emb: jax.Array, scale: jax.Array
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Symmetric InfoNCE over a batch of pairs (row i of each is a true pair).
+def clip_loss(pose_emb: jax.Array, audio_emb: jax.Array, scale: jax.Array,
+              shifted_emb: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Symmetric InfoNCE over a batch of pairs (row i of each is a true pair), with hard
+    negatives for the pose side.
 
-    pose_emb, audio_emb [B, E] unit vectors -> (loss, metrics: accuracy (top-1 retrieval
-    both ways), positive and negative cosine means)."""
+    pose_emb, audio_emb [B, E] unit vectors; shifted_emb [B, S, E] or None: the embeddings
+    of each pair's own audio shifted by S frame offsets (loss.shift_negatives). Pose i is
+    classified among the B audio windows and its S shifted audio windows; audio j among
+    the B poses. In-batch negatives (other clips) are told apart by how much the head
+    moves; the shifted ones only by when.
+    -> (loss, metrics: accuracy (top-1 in-batch retrieval both ways), positive and negative
+    cosine means, and with shifted_emb: shift/accuracy (the true offset beats every shifted
+    one) and cos/shifted)."""
     sim = pose_emb @ audio_emb.T  # [B, B]
-    logits = scale * sim
-    labels = jnp.arange(sim.shape[0])
-    lp = jax.nn.log_softmax(logits, axis=1)[labels, labels]
-    la = jax.nn.log_softmax(logits, axis=0)[labels, labels]
-    loss = -0.5 * (jnp.mean(lp) + jnp.mean(la))
     b = sim.shape[0]
+    labels = jnp.arange(b)
+    pose_logits = sim
+    if shifted_emb is not None:
+        shifted = jnp.einsum("be,bse->bs", pose_emb, shifted_emb)  # [B, S]
+        pose_logits = jnp.concatenate([sim, shifted], axis=1)  # [B, B + S]
+    lp = jax.nn.log_softmax(scale * pose_logits, axis=1)[labels, labels]
+    la = jax.nn.log_softmax(scale * sim, axis=0)[labels, labels]
+    loss = -0.5 * (jnp.mean(lp) + jnp.mean(la))
     eye = jnp.eye(b, dtype=bool)
     acc = 0.5 * (jnp.mean(jnp.argmax(sim, axis=1) == labels)
                  + jnp.mean(jnp.argmax(sim, axis=0) == labels))
-    return loss, {
+    metrics = {
         "accuracy": acc,
         "cos/positive": jnp.mean(jnp.diagonal(sim)),
         "cos/negative": jnp.sum(jnp.where(eye, 0.0, sim)) / max(b * (b - 1), 1),
     }
+    if shifted_emb is not None:
+        metrics["shift/accuracy"] = jnp.mean(jnp.diagonal(sim) > jnp.max(shifted, axis=1))
+        metrics["cos/shifted"] = jnp.mean(shifted)
+    return loss, metrics
+
+
+def shifted_windows(x: jax.Array, window: int, shifts: Sequence[int]
+                    ) -> tuple[jax.Array, jax.Array | None]:
+    """x [B, window + 2M, D] (M = max |shift|) -> (the centre window [B, window, D], the
+    windows at each offset [B, S, window, D], None without shifts): offset s starts s
+    frames after the centre."""
+    margin = max((abs(int(s)) for s in shifts), default=0)
+    if x.shape[1] != window + 2 * margin:
+        raise ValueError(f"expected {window} + 2 * {margin} frames, got {x.shape[1]}")
+    centre = x[:, margin:margin + window]
+    if not shifts:
+        return centre, None
+    return centre, jnp.stack([x[:, margin + s:margin + s + window] for s in shifts], axis=1)
 
 
 def score(pose_emb: jax.Array, audio_emb: jax.Array) -> jax.Array:

@@ -3,16 +3,20 @@
     python train.py --config configs/capp.py:size=tiny --workdir runs/capp \
         --config.data.path=data/synthtalk
 
-Each example is a 3-second window of a clip from the stage-2 loader
-(`data_pipeline.loaders.stage2_dataset`, no context): its motion (data.motion_source; the
-model reads the model.pose_dims columns) and its audio features. One jitted step:
-normalise both with the train split's per-dimension statistics (the same
-`data_pipeline.stats.Normalization` stage 2 uses, kept in <workdir>/normalization.json for
-the evaluators), embed, symmetric InfoNCE over the batch (`capp.clip_loss`), AdamW; the
-loop keeps an EMA of the model, which is what the evaluators restore.
+Each example is a window of a clip from the stage-2 loader
+(`data_pipeline.loaders.stage2_dataset`, no context), M = max |loss.shift_negatives| frames
+longer than the model's 3 s at both ends: its motion (data.motion_source; the model reads
+the model.pose_dims columns) and its audio features. One jitted step: normalise both with
+the train split's per-dimension statistics (the same `data_pipeline.stats.Normalization`
+stage 2 uses, kept in <workdir>/normalization.json for the evaluators); embed the centre
+3 s of pose, the centre 3 s of audio and the audio shifted by each of
+loss.shift_negatives (one batched pass); symmetric InfoNCE over the batch with the shifted
+audio as extra negatives for its own pose (`capp.clip_loss`); AdamW. The loop keeps an EMA
+of the model, which is what the evaluators restore.
 
-Logged: loss/total, accuracy (in-batch top-1 retrieval), cos/positive, cos/negative,
-logit_scale, grad_norm, lr.
+Logged: loss/total, accuracy (in-batch top-1 retrieval), shift/accuracy (the true timing
+beats every shifted one), cos/positive, cos/negative, cos/shifted, logit_scale, grad_norm,
+lr.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from absl import logging
 from flax import nnx
 
 from data_pipeline import stats as stats_lib
+from configs.capp import shift_margin
 from data_pipeline.loaders import stage2_dataset
 from vasa_jax import optim
 from vasa_jax.models import capp
@@ -36,7 +41,7 @@ from vasa_jax.trainers import loop
 from vasa_jax.trainers.motion_dit import load_normalization
 
 BATCH_KEYS = ("motion", "audio")
-PROGRESS_KEYS = ("loss/total", "accuracy", "cos/positive")
+PROGRESS_KEYS = ("loss/total", "accuracy", "shift/accuracy", "cos/positive")
 
 
 class TrainState(nnx.Module):
@@ -62,16 +67,29 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str | None = None) ->
     logging.info("CAPP: pose %s, audio %s (%d dims); %.2fM parameters",
                  list(config.model.pose_dims), config.data.audio_source, audio_dim, count / 1e6)
 
+    window, shifts = int(config.model.window), tuple(int(s) for s in config.loss.shift_negatives)
+    margin = shift_margin(shifts)
+
     def train_step(ts: TrainState, batch, rng, frozen):
-        motion = jnp.asarray(batch["motion"])[..., jnp.asarray(columns)]  # [B, W, P]
+        motion = jnp.asarray(batch["motion"])[..., jnp.asarray(columns)]  # [B, W + 2M, P]
         pose, audio = capp.normalized_inputs(motion, batch["audio"], frozen, columns)
+        pose = pose[:, margin:margin + window]  # [B, W, P]: the centre window
+        audio, shifted = capp.shifted_windows(audio, window, shifts)  # [B, W, Da], [B, S, W, Da]
         graphdef, params, rest = nnx.split(ts.model, nnx.Param, ...)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, rest)
-            pose_emb, audio_emb = model(pose, audio, rng)
-            loss, metrics = capp.clip_loss(pose_emb, audio_emb, model.scale())
-            return loss, metrics
+            r_pose, r_audio = jax.random.split(rng)
+            pose_emb = model.encode_pose(pose, r_pose)
+            if shifted is None:
+                audio_emb, shifted_emb = model.encode_audio(audio, r_audio), None
+            else:  # one pass over the true and the shifted audio windows
+                b, s = shifted.shape[:2]
+                both = jnp.concatenate([audio[:, None], shifted], axis=1)  # [B, 1 + S, W, Da]
+                emb = model.encode_audio(both.reshape(b * (1 + s), *both.shape[2:]), r_audio)
+                emb = emb.reshape(b, 1 + s, -1)
+                audio_emb, shifted_emb = emb[:, 0], emb[:, 1:]
+            return capp.clip_loss(pose_emb, audio_emb, model.scale(), shifted_emb)
 
         step = ts.opt.step[...]
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
