@@ -5,6 +5,10 @@
     python train.py --config configs/motion_dit.py:size=tiny --workdir runs/motion \
         --config.data.path=data/latents
 
+The helper networks train the same way (configs/face_pose.py, face_id.py,
+expression_meter.py) and end with a params-only export in their workdir, which is then
+the path their consumers take (--config.model.motion.pretrained_pose=runs/pose, ...).
+
 Any config field can be overridden with --config.<field>=<value>; a misspelt field is an error.
 Bad input is one line on stderr (vasa_jax.cli): exit status 2 for a bad flag (a misspelt
 field, with the closest valid names), 1 for a bad config value, data folder or workdir. A
@@ -34,6 +38,9 @@ TRAINERS = {
     "face_latent": "vasa_jax.trainers.face_latent:train_and_evaluate",
     "motion_dit": "vasa_jax.trainers.motion_dit:train_and_evaluate",
     "capp": "vasa_jax.trainers.capp:train_and_evaluate",
+    "face_pose": "vasa_jax.trainers.face_pose:train_and_evaluate",
+    "face_id": "vasa_jax.trainers.face_id:train_and_evaluate",
+    "expression_meter": "vasa_jax.trainers.expression_meter:train_and_evaluate",
 }
 NOT_BUILT: dict[str, str] = {}
 

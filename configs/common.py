@@ -228,7 +228,8 @@ def validate_train(t: ml_collections.ConfigDict) -> None:
         check(t[name] >= 0, f"train.{name} must be >= 0 (0 = off), got {t[name]}")
     check(t.image_samples > 0, f"train.image_samples must be > 0, got {t.image_samples}")
     check(t.keep_checkpoints > 0, f"train.keep_checkpoints must be > 0, got {t.keep_checkpoints}")
-    check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if "ema_decay" in t:  # the helper networks keep no EMA (helper_train_config)
+        check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
 
 
 def evals_config(**evals: dict) -> ml_collections.ConfigDict:
@@ -289,3 +290,52 @@ def validate_optim(o: ml_collections.ConfigDict, total_steps: int, name: str = "
     check(o.eps > 0, f"{name}.eps must be > 0, got {o.eps}")
     check(o.weight_decay >= 0, f"{name}.weight_decay must be >= 0, got {o.weight_decay}")
     check(o.grad_clip >= 0, f"{name}.grad_clip must be >= 0 (0 = off), got {o.grad_clip}")
+
+
+# ----------------------------------------------------------------------------- helper networks
+# The head-pose pre-training, the face-ID net and the expression meter (configs/face_pose.py,
+# face_id.py, expression_meter.py) train in the shared loop, and write a params-only export
+# into their workdir at the end.
+
+
+def helper_train_config(total_steps: int, checkpoint_every: int) -> ml_collections.ConfigDict:
+    """The loop's train section for a helper network: no EMA, no images, logs every 100."""
+    t = train_config("tiny")
+    t.total_steps = total_steps
+    t.log_every = 100
+    t.checkpoint_every = checkpoint_every
+    t.image_every = 0
+    del t["ema_decay"]  # the trained weights are what the export holds
+    return t
+
+
+def helper_optim_config(lr: float, warmup_steps: int, weight_decay: float
+                        ) -> ml_collections.ConfigDict:
+    """AdamW (b1 0.9), linear warmup, cosine decay to lr / 100 (it follows an overridden
+    lr), no gradient clipping: the helper networks' recipe."""
+    o = optim_config("tiny")
+    o.lr = lr
+    o.end_lr = o.get_ref("lr") * 0.01
+    o.warmup_steps = warmup_steps
+    o.b1, o.b2 = 0.9, 0.999
+    o.weight_decay = weight_decay
+    o.grad_clip = 0.0
+    return o
+
+
+def final_eval_config(frames_per_clip: int) -> ml_collections.ConfigDict:
+    """Held-out evaluation at the end of training (frames read with
+    data_pipeline.loaders.read_frames), written into the export's JSON."""
+    return ml_collections.ConfigDict(dict(frames_per_clip=frames_per_clip, max_clips=2000))
+
+
+def validate_helper(c: ml_collections.ConfigDict) -> None:
+    """The sections every helper network's config shares."""
+    check_choice(c.size, SIZES, "size")
+    validate_data(c.data)
+    validate_train(c.train)
+    validate_optim(c.optim, c.train.total_steps)
+    e = c.final_eval
+    check(e.frames_per_clip >= 1 and e.max_clips >= 1,
+                 f"final_eval.frames_per_clip and max_clips must be >= 1, got {dict(e)}")
+    check("batch" in dict(c.mesh.rules), "mesh.rules lacks the logical axis 'batch'")

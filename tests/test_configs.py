@@ -11,7 +11,7 @@ from configs import common
 from configs.common import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("face_latent", "motion_dit")
+STAGES = ("face_latent", "motion_dit", "face_pose", "face_id", "expression_meter")
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -57,6 +57,11 @@ def test_override_applies():
         ("motion_dit", dict(data__window=0), "window"),
         ("motion_dit", dict(data__motion_source="latents"), "motion_source"),
         ("motion_dit", dict(data__audio__frontend="hubert"), "frontend"),
+        ("face_pose", dict(data__aug__rotate_deg=-1.0), "rotate_deg"),
+        ("face_pose", dict(model__motion__pool="max"), "model.motion.pool"),
+        ("face_id", dict(model__crop=0.0), "crop"),
+        ("expression_meter", dict(loss__balance_batches=-1), "balance_batches"),
+        ("expression_meter", dict(optim__warmup_steps=5000), "warmup_steps"),
     ],
 )
 def test_out_of_range_values_are_errors(stage, overrides, match):

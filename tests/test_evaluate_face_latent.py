@@ -83,14 +83,15 @@ def run(tmp_path_factory):
 def meter(run, tmp_path_factory):
     """An expression meter trained on the fixture run's data (the recipe of
     tests/test_expression_meter.py: held-out mouth r ~0.8-0.95 at 32 px)."""
-    from vasa_jax.models import expression_meter
+    from vasa_jax.trainers import expression_meter
 
     path = str(tmp_path_factory.mktemp("meter") / "meter")
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert expression_meter.main([
-            "train", "--data", run[1], "--out", path, "--steps", "60", "--size", "32",
-            "--channels", "16,32,32,32", "--hidden", "32", "--batch_size", "8", "--lr", "1e-2",
-            "--warmup_steps", "10", "--num_workers", "0", "--log_every", "60"]) == 0
+    config = configs.load(
+        "configs/expression_meter.py:size=tiny", data__path=run[1], train__total_steps=60,
+        model__image_size=32, model__channels=(16, 32, 32, 32), model__hidden=32,
+        data__batch_size=8, optim__lr=1e-2, optim__warmup_steps=10, data__num_workers=0,
+        train__log_every=60)
+    assert expression_meter.train_and_evaluate(config, path).step == 60
     return path
 
 

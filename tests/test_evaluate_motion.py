@@ -319,9 +319,9 @@ def test_train_then_cli(stage2_data, tmp_path):
 FACE_SIZE = 64  # the tiny stage-1 model's image size
 # A tiny expression meter (tests/test_expression_meter.py's recipe), trained a few steps:
 # only the plumbing is checked, not how well it reads mouths.
-METER_ARGS = ["--size", "32", "--channels", "8,8,8,8", "--hidden", "8", "--batch_size", "4",
-              "--lr", "1e-2", "--warmup_steps", "1", "--num_workers", "0", "--log_every", "3",
-              "--steps", "3"]
+METER_RECIPE = dict(model__image_size=32, model__channels=(8, 8, 8, 8), model__hidden=8,
+                    data__batch_size=8, optim__lr=1e-2, optim__warmup_steps=1,
+                    data__num_workers=0, train__log_every=3, train__total_steps=3)
 
 
 @pytest.fixture(scope="module")
@@ -331,12 +331,13 @@ def latents_run(tmp_path_factory):
     `extract_latents` output (dataset.json records the run), a meter trained 3 steps."""
     from flax import nnx
 
+    import configs
     from data_pipeline import extract_latents as X
     from data_pipeline import stats as stats_lib
     from tests.test_extract_latents import _make_workdir
-    from vasa_jax.models import expression_meter as em
     from vasa_jax.models.motion_dit import MotionDiT
     from vasa_jax.motion_sampler import MotionGenerator
+    from vasa_jax.trainers import expression_meter as meter_trainer
 
     root = tmp_path_factory.mktemp("motion_e2e")
     data, face, latents, meter = (str(root / n) for n in ("data", "face", "latents", "meter"))
@@ -345,7 +346,9 @@ def latents_run(tmp_path_factory):
     _make_workdir(face, data)
     X.extract(face, data, latents, X.Settings(batch_size=8, read_threads=1, progress=False,
                                               fast_cpu_compile=True))
-    assert em.main(["train", "--data", data, "--out", meter, *METER_ARGS]) == 0
+    meter_config = configs.load("configs/expression_meter.py:size=tiny", data__path=data,
+                                **METER_RECIPE)
+    assert meter_trainer.train_and_evaluate(meter_config, meter).step == 3
     config = _tiny_stage2_config(latents, data__motion_source="features:motion",
                                  data__audio_source="features:audio")
     norm = stats_lib.Normalization.from_data(latents, "features:motion", "features:audio")

@@ -1,4 +1,5 @@
-"""Pose-net pre-training: a short run reads held-out head pose; the export loads into stage 1."""
+"""Pose-net pre-training: a short run of its stage in the shared loop reads held-out head
+pose; the export in the workdir matches the checkpoint and loads into stage 1."""
 
 import dataclasses
 import json
@@ -13,34 +14,50 @@ from flax import nnx
 import configs
 from data_pipeline import schema
 from tests import testdata
+from vasa_jax import checkpointing
 from vasa_jax.models import face_pose, warping
-from vasa_jax.trainers import face_latent
+from vasa_jax.parallel import sharding
+from vasa_jax.parallel.mesh import create_mesh
+from vasa_jax.trainers import face_latent, loop
+from vasa_jax.trainers import face_pose as trainer
 
 CONFIG = "configs/face_latent.py:size=tiny"
+# The helper's recipe of 150 steps (its warmup of 100 steps was cut to 76 by the old loop's
+# short-run schedule). Here yaw and pitch only translate the drawing, so the loader's shift
+# jitter (which SynthTalk's 3-D renders survive) would hide them: no geometric jitter.
+RECIPE = dict(train__total_steps=150, data__batch_size=8, optim__lr=2e-3,
+              optim__warmup_steps=76, data__num_workers=0, train__log_every=50,
+              data__aug__shift=0.0, data__aug__scale=0.0)
+
+
+def load_config(data: str, **overrides):
+    return configs.load("configs/face_pose.py:size=tiny",
+                        **{**RECIPE, "data__path": data, **overrides})
+
+
+def read_meta(workdir: str) -> dict:
+    with open(os.path.join(workdir, face_pose.CONFIG_FILE)) as f:
+        return json.load(f)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A pose net trained through the CLI on the procedural dataset (yaw moves the face
+    """A pose net trained through its stage on the procedural dataset (yaw moves the face
     sideways, pitch up and down, roll turns it)."""
     root = tmp_path_factory.mktemp("facepose")
     data, out = str(root / "data"), str(root / "pose")
     testdata.make_dataset(data, identities=4, clips_per_identity=4, seconds=2.0, size=64,
                           test_clips_per_identity=1)
-    # Here yaw and pitch only translate the drawing, so the loader's shift jitter (which
-    # SynthTalk's 3-D renders survive) would hide them: no geometric jitter.
-    config = configs.load(CONFIG, data__aug__shift=0.0, data__aug__scale=0.0)
-    settings = face_pose.TrainSettings(steps=150, batch_size=8, lr=2e-3, num_workers=0,
-                                       log_every=50)
-    result = face_pose.train(config, data, out, settings=settings)
-    with open(os.path.join(out, face_pose.CONFIG_FILE)) as f:
-        meta = json.load(f)
-    assert meta == json.loads(json.dumps(result))  # the returned summary is what was saved
-    return data, out, meta
+    config = load_config(data)
+    result = trainer.train_and_evaluate(config, out)
+    assert result.step == 150
+    meta = read_meta(out)
+    assert meta["train"]["steps"] == 150 and meta["train"]["data"] == os.path.abspath(data)
+    return data, out, meta, config
 
 
 def test_short_training_reads_held_out_pose(trained):
-    _, _, meta = trained
+    _, _, meta, _ = trained
     history = meta["history"]
     # history[0] is the mean over steps 1-50, which without GroupNorm already holds most
     # of the drop; the loss still falls after it. The held-out R^2 below is the real test.
@@ -77,8 +94,22 @@ def test_camera_half_extent_needs_a_camera_and_distance_labels():
     assert face_pose.camera_half_extent(dataclasses.replace(info, labels=["pose"])) is None
 
 
+def test_export_is_the_checkpointed_pose_net(trained):
+    data, out, _, pose_config = trained
+    mesh = create_mesh(pose_config.mesh.axes)
+    graphdef, abstract, _ = sharding.abstract_state(lambda: trainer.TrainState(pose_config),
+                                                    mesh, pose_config.mesh.rules)
+    with checkpointing.Checkpointer(os.path.join(out, loop.CHECKPOINT_DIR)) as ckpt:
+        checkpointed = nnx.merge(graphdef, ckpt.restore(abstract)).pose_net
+    config = configs.load(CONFIG, data__path=data)
+    exported = face_pose.load_pose_params(out, config.model)
+    for a, b in zip(jax.tree.leaves(nnx.state(checkpointed, nnx.Param)),
+                    jax.tree.leaves(exported), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
 def test_export_loads_into_the_stage1_state(trained):
-    data, out, _ = trained
+    data, out, _, _ = trained
     config = configs.load(CONFIG, data__path=data, model__motion__pretrained_pose=out)
     params = face_pose.load_pose_params(out, config.model)
     # The train state (jitted: only the two pose nets are outputs, the rest is dead code).
@@ -93,16 +124,15 @@ def test_export_loads_into_the_stage1_state(trained):
 
 
 def test_export_must_fit_the_model_config(trained, tmp_path):
-    _, out, _ = trained
+    _, out, _, _ = trained
     wider = configs.load(CONFIG, model__motion__stem=32)
     with pytest.raises(ValueError, match="stem"):
         face_pose.load_pose_params(out, wider.model)
-    with pytest.raises(FileNotFoundError, match="face_pose train"):
+    with pytest.raises(FileNotFoundError, match="configs/face_pose.py"):
         face_pose.load_pose_params(str(tmp_path / "missing"), wider.model)
     # An existing export is never overwritten.
-    data = trained[0]
-    assert face_pose.main(["train", "--data", data, "--out", out, "--steps", "1",
-                           "--num_workers", "0"]) == 1
+    with pytest.raises(FileExistsError):
+        face_pose.save_pose_params(out, nnx.Linear(2, 2, rngs=nnx.Rngs(0)), wider.model)
 
 
 def test_angle_r2():
@@ -122,7 +152,7 @@ def _opt_paths(ts):
 def test_frozen_pose_net_is_left_out_of_the_optimizer(trained, freeze):
     """Frozen (the default): no optimizer state, no pose loss, no labels in the batch.
     Not frozen: it is trained like the rest, from the pre-trained start."""
-    data, out, _ = trained
+    data, out, _, _ = trained
     config = configs.load(CONFIG, data__path=data, model__motion__pretrained_pose=out,
                           model__motion__freeze_pretrained_pose=freeze)
     params = face_pose.load_pose_params(out, config.model)
@@ -141,19 +171,18 @@ def test_glimpse_landmarks_are_learnt_with_the_pose_and_required_by_stage1(train
     such a fixed pre-trained net."""
     from data_pipeline import schema
 
-    _, pose_only, _ = trained
+    _, pose_only, _, _ = trained
     data, out = str(tmp_path / "data"), str(tmp_path / "pose_glimpse")
     testdata.make_dataset(data, identities=4, clips_per_identity=4, seconds=2.0, size=64,
                           test_clips_per_identity=1,
                           labels=[*schema.LABELS, *schema.BOX_LABELS])
-    assert face_pose.main(["train", "--data", data, "--out", out, "--steps", "150",
-                           "--batch_size", "8", "--lr", "2e-3", "--num_workers", "0",
-                           "--set", "model.motion.glimpse_widths=(0.6,0.4)",
-                           "--set", "data.aug.shift=0.0", "--set", "data.aug.scale=0.0",
-                           "--rotate_deg", "5"]) == 0
-    with open(os.path.join(out, face_pose.CONFIG_FILE)) as f:
-        meta = json.load(f)
-    assert meta["train"]["rotate_deg"] == 5.0  # trained with the rotation augmentation
+    result = trainer.train_and_evaluate(
+        load_config(data, model__motion__glimpse_widths=(0.6, 0.4), data__aug__rotate_deg=5.0),
+        out)
+    assert {"loss/pose", "loss/landmarks"} <= set(result.metrics)
+    meta = read_meta(out)
+    # trained with the rotation augmentation
+    assert meta["train"]["config"]["data"]["aug"]["rotate_deg"] == 5.0
     assert meta["arch"]["landmarks"] == ["eyes_box", "mouth_box"]
     err = meta["metrics"]["test_landmark_px"]
     assert set(err) == {"eyes", "mouth"}
@@ -253,4 +282,4 @@ def test_rotation_by_zero_changes_nothing():
     back = face_pose.rotate_batch(*turned, np.full(3, -90.0))
     for got, want in zip(back[1:], (labels, centres, framing)):
         np.testing.assert_allclose(got, want, atol=1e-4)
-    assert face_pose.TrainSettings().rotate_deg == 0.0  # off by default
+    assert configs.load("configs/face_pose.py").data.aug.rotate_deg == 0.0  # off by default

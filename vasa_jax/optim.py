@@ -50,11 +50,3 @@ def build_optimizer(cfg: ml_collections.ConfigDict,
     if cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
     return adamw
-
-
-def short_run_schedule(lr: float, warmup_steps: int, steps: int) -> optax.Schedule:
-    """The helper networks' schedule (face_pose, face_id, expression_meter): linear warmup
-    over min(warmup_steps, steps // 2 + 1) steps, then cosine decay to lr / 100 at `steps`.
-    The warmup always leaves at least one decay step, so any steps >= 1 is valid."""
-    warmup = min(warmup_steps, steps // 2 + 1, steps - 1)
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 0.01)

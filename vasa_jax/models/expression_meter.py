@@ -25,12 +25,13 @@ OUTPUT_COLUMNS = (mouth_open, blink, gaze_theta, gaze_phi) with
 `ExpressionMeter` (the frozen meter) returns readings in label units: {"mouth_open": [B],
 "blink": [B], "gaze": [B, 2] degrees}.
 
-Training: frames from the stage-1 loader (`data_pipeline.loaders.stage1_dataset`: each
-example gives a source, a driving and a cross-identity frame, three labelled faces, with
-its light scale/shift/colour jitter) plus random 2x blur here (`face_id._augment`), so the
-meter also reads the slightly soft frames a generator makes. Held-out evaluation on the
-test split (`data_pipeline.loaders.read_frames`: other clips of the training identities):
-Pearson r and mean absolute error (label units) per output column.
+Training (vasa_jax.trainers.expression_meter, a stage of the shared loop): frames from the
+stage-1 loader (`data_pipeline.loaders.stage1_dataset`: each example gives a source, a
+driving and a cross-identity frame, three labelled faces, with its light scale/shift/colour
+jitter) plus random 2x blur (`face_id.augment`), so the meter also reads the slightly soft
+frames a generator makes. Held-out evaluation on the test split
+(`data_pipeline.loaders.read_frames`: other clips of the training identities): Pearson r
+and mean absolute error (label units) per output column.
 
 Measured (2 CPU cores): on tests/testdata.py's corpus (a large drawn mouth), 32 px, batch 8,
 lr 1e-2, 60 steps: held-out mouth r 0.81-0.95 over 10 seeds. On SynthTalk (64 px face
@@ -39,32 +40,28 @@ framing, 8 identities x 3 clips of 4 s; an open mouth is a few pixels), batch 16
 Budget thousands of steps there (docs/experiments.md: the stage-1 dynamics encoder taught
 the mouth directly, without GroupNorm, reached R^2 0.68 after 3000 batch-16 steps).
 
-    python -m vasa_jax.models.expression_meter train --data DIR --out OUT [--steps N]
-        [--batch_size 16] [--size 64]
+    python train.py --config configs/expression_meter.py:size=tiny --workdir OUT \
+        --config.data.path=DIR [--config.train.total_steps=N] [--config.model.image_size=64]
 
-writes OUT/params (`vasa_jax.checkpointing.export_params`) and OUT/expression_meter.json
-(model config, training settings, metrics) and prints the held-out metrics.
-`load_expression_meter(OUT)` gives the frozen meter.
+ends by writing OUT/params (`vasa_jax.checkpointing.export_params`) and
+OUT/expression_meter.json (model config, the run's config, metrics) next to its
+checkpoints. `load_expression_meter(OUT)` gives the frozen meter.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import os
-import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
-from vasa_jax import cli, optim
 from vasa_jax.models.layers import Conv, Dense, avg_pool
 
 CONFIG_FILE = "expression_meter.json"
@@ -203,8 +200,9 @@ def load_expression_meter_net(path: str
     meta_path = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(
-            f"expression meter {path!r}: {meta_path} not found; train one with `python -m "
-            "vasa_jax.models.expression_meter train --data DIR --out PATH`")
+            f"expression meter {path!r}: {meta_path} not found; train one with `python "
+            "train.py --config configs/expression_meter.py:size=tiny --workdir PATH "
+            "--config.data.path=DIR`")
     with open(meta_path) as f:
         meta = json.load(f)
     config = ExpressionMeterConfig.from_json(meta["model"])
@@ -256,171 +254,3 @@ def evaluate(net: ExpressionMeterNet, config: ExpressionMeterConfig, images: np.
         metrics["pearson_r"][name] = float(r) if np.isfinite(r) else None
         metrics["mae"][name] = float(np.mean(np.abs(pred[:, k] - target[:, k])) * units[k])
     return metrics
-
-
-# ----------------------------------------------------------------------------- training
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSettings:
-    steps: int = 3000
-    batch_size: int = 16  # stage-1 examples per step; each gives 3 labelled faces
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    weight_decay: float = 1e-4
-    seed: int = 0
-    num_workers: int = 2  # grain worker processes (0: read in this process)
-    blur_prob: float = 0.3  # 2x down/up-sampling: reads soft generator output too
-    log_every: int = 100
-    eval_frames_per_clip: int = 10
-    eval_max_clips: int = 2000
-    # Weigh each output column's squared error by 1 / its variance over the first
-    # `balance_batches` batches, so every column counts alike whatever its units: with a
-    # plain MSE the gaze columns (SynthTalk's gaze std ~12 degrees = 0.6 output units)
-    # outweighed the mouth (std 0.24) 6 to 1 and the mouth reading fell from r 0.86 to 0.71
-    # (docs/experiments.md, "gaze"). 0 = plain MSE.
-    balance_batches: int = 20
-
-
-def _data_config(data_dir: str, image_size: int, batch_size: int, num_workers: int, seed: int):
-    from configs.common import data_stage1
-
-    cfg = data_stage1("tiny")  # its light scale/shift/colour jitter, as the generator sees
-    cfg.update(dict(path=data_dir, split="train", image_size=image_size,
-                    batch_size=batch_size, num_workers=num_workers, seed=seed))
-    return cfg
-
-
-def train(data_dir: str, out_dir: str, *, config: ExpressionMeterConfig = ExpressionMeterConfig(),
-          settings: TrainSettings = TrainSettings()
-          ) -> tuple[ExpressionMeterNet, dict[str, Any]]:
-    """Trains an expression meter on the train split of `data_dir`, evaluates it on the
-    test split (if any) and saves it to `out_dir` (see `save_expression_meter`).
-
-    Returns (the trained net, the contents of expression_meter.json).
-    """
-    from data_pipeline import loaders, schema
-    from vasa_jax.models.face_id import _augment  # the same random 2x blur
-
-    if settings.steps < 1 or settings.batch_size < 1:
-        raise ValueError(f"need steps >= 1 and batch_size >= 1, got steps={settings.steps}, "
-                         f"batch_size={settings.batch_size}")
-    if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
-        raise FileExistsError(f"{out_dir} already holds an expression-meter export")
-    info = schema.DatasetInfo.load(data_dir)
-    missing = [k for k in LABELS if k not in info.labels]
-    if missing:
-        raise ValueError(f"{data_dir!r} lacks labels {missing} (it has {info.labels}): the "
-                         "expression meter learns from them")
-    data_cfg = _data_config(data_dir, config.image_size, settings.batch_size,
-                            settings.num_workers, settings.seed)
-
-    net = ExpressionMeterNet(config, rngs=nnx.Rngs(settings.seed))
-    graphdef, params = nnx.split(net, nnx.Param)
-    schedule = optim.short_run_schedule(settings.lr, settings.warmup_steps, settings.steps)
-    optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
-    opt_state = optimizer.init(params)
-
-    def batch_arrays(batch) -> tuple[np.ndarray, np.ndarray]:
-        parts = ("source", "driving", "cross")
-        return (np.concatenate([batch[p] for p in parts]),
-                np.concatenate([targets_from_labels(batch["labels"][p], config.gaze_scale)
-                                for p in parts]))
-
-    batches = iter(loaders.stage1_dataset(data_cfg))
-    first = [next(batches) for _ in range(min(settings.balance_batches, settings.steps))]
-    weights = np.ones(len(OUTPUT_COLUMNS), np.float32)
-    if first:
-        var = np.var(np.concatenate([batch_arrays(b)[1] for b in first]), axis=0)
-        weights = 1.0 / np.maximum(var, 1e-4)
-        weights = (weights / weights.mean()).astype(np.float32)
-    logging.info("expression meter column weights %s",
-                 dict(zip(OUTPUT_COLUMNS, np.round(weights, 3).tolist())))
-
-    def loss_fn(params, images, targets, key):
-        images = _augment(images, key, 0.0, settings.blur_prob)  # no flips: gaze has a side
-        pred = nnx.merge(graphdef, params)(images)
-        return jnp.mean(jnp.square(pred - targets) * weights)
-
-    @jax.jit
-    def train_step(params, opt_state, images, targets, key):
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, targets, key)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    key = jax.random.key(settings.seed)
-    start, history = time.perf_counter(), []
-    for step, batch in zip(range(1, settings.steps + 1), itertools.chain(first, batches)):
-        images, targets = batch_arrays(batch)
-        key, sub = jax.random.split(key)
-        params, opt_state, loss = train_step(params, opt_state, images, targets, sub)
-        if step % settings.log_every == 0 or step == settings.steps:
-            history.append({"step": step, "loss": float(loss)})
-            logging.info("expression meter step %d/%d: loss %.4f (%.1f steps/s)", step,
-                         settings.steps, float(loss), step / (time.perf_counter() - start))
-    train_seconds = time.perf_counter() - start
-    nnx.update(net, params)
-
-    metrics: dict[str, Any] = {}
-    try:
-        held_out = loaders.read_frames(data_dir, "test", config.image_size,
-                                       frames_per_clip=settings.eval_frames_per_clip,
-                                       max_clips=settings.eval_max_clips)
-    except FileNotFoundError:
-        logging.warning("expression meter: %s has no test split; no held-out evaluation",
-                        data_dir)
-    else:
-        metrics.update(evaluate(net, config, held_out.images, held_out.labels))
-        logging.info("expression meter held-out: %s", metrics)
-    meta = {
-        "train": {**dataclasses.asdict(settings), "data": os.path.abspath(data_dir),
-                  "seconds": train_seconds,
-                  "column_weights": dict(zip(OUTPUT_COLUMNS, weights.tolist()))},
-        "history": history,
-        "metrics": metrics,
-        "output_columns": list(OUTPUT_COLUMNS),
-    }
-    save_expression_meter(out_dir, net, config, meta)
-    return net, {"model": config.to_json(), **meta}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        prog="python -m vasa_jax.models.expression_meter",
-        description="Expression meter (mouth_open, blink, gaze) for expression transfer.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train on a clip-record dataset's expression labels")
-    p.add_argument("--data", required=True, help="clip-record dataset folder")
-    p.add_argument("--out", required=True, help="output folder (params + expression_meter.json)")
-    p.add_argument("--steps", type=int, default=TrainSettings.steps)
-    p.add_argument("--batch_size", type=int, default=TrainSettings.batch_size)
-    p.add_argument("--size", type=int, default=ExpressionMeterConfig.image_size,
-                   help="side images are resized to")
-    p.add_argument("--channels", type=cli.int_list, default="32,64,64,128",
-                   help="comma-separated conv widths")
-    p.add_argument("--hidden", type=int, default=ExpressionMeterConfig.hidden)
-    p.add_argument("--lr", type=float, default=TrainSettings.lr)
-    p.add_argument("--warmup_steps", type=int, default=TrainSettings.warmup_steps)
-    p.add_argument("--seed", type=int, default=TrainSettings.seed)
-    p.add_argument("--num_workers", type=int, default=TrainSettings.num_workers)
-    p.add_argument("--log_every", type=int, default=TrainSettings.log_every)
-    p.add_argument("--balance_batches", type=int, default=TrainSettings.balance_batches,
-                   help="batches that set each output's loss weight (1 / variance); 0 = MSE")
-    args = parser.parse_args(argv)
-
-    def run() -> dict[str, Any]:
-        cli.check_output(args.out, "--out folder")  # before training, not after
-        config = ExpressionMeterConfig(
-            image_size=args.size, channels=args.channels,
-            hidden=args.hidden)
-        settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                 warmup_steps=args.warmup_steps, seed=args.seed,
-                                 num_workers=args.num_workers, log_every=args.log_every,
-                                 balance_batches=args.balance_batches)
-        return train(args.data, args.out, config=config, settings=settings)[1]
-
-    return cli.run_training(run)
-
-
-if __name__ == "__main__":
-    cli.run_main(main)

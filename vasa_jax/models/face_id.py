@@ -32,10 +32,12 @@ training identities): identification accuracy of the cosine head, nearest-centro
 accuracy of the embedding alone (centroids from train-split frames), and the mean cosine
 similarity of same-identity vs different-identity pairs.
 
-    python -m vasa_jax.models.face_id train --data DIR --out OUT [--steps N] [--image_size 64]
+    python train.py --config configs/face_id.py:size=tiny --workdir OUT \
+        --config.data.path=DIR [--config.train.total_steps=N] [--config.model.image_size=64]
 
-writes OUT/params (`vasa_jax.checkpointing.export_params`) and OUT/face_id.json (model
-config, training settings, metrics). `load_face_id(OUT)` gives the frozen embedder the
+(vasa_jax.trainers.face_id, a stage of the shared loop) ends by writing OUT/params
+(`vasa_jax.checkpointing.export_params`) and OUT/face_id.json (model config, the run's
+config, metrics) next to its checkpoints. `load_face_id(OUT)` gives the frozen embedder the
 stage-1 trainer uses.
 """
 
@@ -44,10 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
-import time
-from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +55,6 @@ import optax
 from absl import logging
 from flax import nnx
 
-from vasa_jax import cli, optim
 from vasa_jax.models.layers import Conv, Dense, GroupNorm, ResBlock, make_param
 
 CONFIG_FILE = "face_id.json"
@@ -228,8 +226,8 @@ def load_face_id_classifier(path: str) -> tuple[FaceIDClassifier, FaceIDConfig, 
     meta_path = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(
-            f"{meta_path} not found: train a face-ID model with `python -m "
-            "vasa_jax.models.face_id train --data DIR --out PATH`")
+            f"{meta_path} not found: train a face-ID model with `python train.py --config "
+            "configs/face_id.py:size=tiny --workdir PATH --config.data.path=DIR`")
     with open(meta_path) as f:
         meta = json.load(f)
     config = FaceIDConfig.from_json(meta["model"])
@@ -294,26 +292,10 @@ def evaluate(model: FaceIDClassifier, eval_images: np.ndarray, eval_ids: np.ndar
     return metrics
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- augmentation
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainSettings:
-    steps: int = 3000
-    batch_size: int = 32  # stage-1 examples per step; each gives 3 labelled faces
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    weight_decay: float = 5e-4
-    seed: int = 0
-    num_workers: int = 2  # grain worker processes (0: read in this process)
-    flip_prob: float = 0.5
-    blur_prob: float = 0.3  # 2x down/up-sampling: robustness to soft generator output
-    log_every: int = 100
-    eval_frames_per_clip: int = 10
-    eval_max_clips: int = 2000
-
-
-def _augment(images: jax.Array, key: jax.Array, flip_prob: float, blur_prob: float) -> jax.Array:
+def augment(images: jax.Array, key: jax.Array, flip_prob: float, blur_prob: float) -> jax.Array:
     """Random horizontal flips and 2x blur per image: [N, H, W, 3] -> [N, H, W, 3].
 
     (Random erasing was tried and dropped: it made the embedding ignore the inner face,
@@ -328,140 +310,3 @@ def _augment(images: jax.Array, key: jax.Array, flip_prob: float, blur_prob: flo
     blurred = jax.image.resize(small, images.shape, "linear")
     blur = jax.random.bernoulli(k_blur, blur_prob, (n, 1, 1, 1))
     return jnp.where(blur, blurred, images)
-
-
-def _data_config(data_dir: str, split: str, image_size: int, batch_size: int, num_workers: int,
-                 seed: int):
-    from configs.common import data_stage1
-
-    cfg = data_stage1("tiny")
-    cfg.path = data_dir
-    cfg.split = split
-    cfg.image_size = image_size
-    cfg.batch_size = batch_size
-    cfg.num_workers = num_workers
-    cfg.seed = seed
-    # Stronger geometry than the generator's loader (identity must survive framing
-    # changes); mild colour, since skin and hair colour are part of who someone is.
-    cfg.aug.update(dict(scale=0.10, shift=0.06, brightness=0.2, contrast=0.2,
-                        saturation=0.1, hue=0.01))
-    return cfg
-
-
-def train(data_dir: str, out_dir: str, *, image_size: int = 64, crop: float = 0.7,
-          channels: Sequence[int] = (32, 64, 128, 256), embed_dim: int = 128,
-          settings: TrainSettings = TrainSettings()) -> tuple[FaceIDClassifier, dict[str, Any]]:
-    """Trains a face-ID embedder on the train split of `data_dir`, evaluates it on the test
-    split (if any) and saves it to `out_dir` (see `save_face_id`).
-
-    Returns (the trained classifier, the contents of face_id.json).
-    """
-    from data_pipeline import loaders, schema
-
-    if settings.steps < 1 or settings.batch_size < 1:
-        raise ValueError(f"need steps >= 1 and batch_size >= 1, got steps={settings.steps}, "
-                         f"batch_size={settings.batch_size}")
-    if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
-        raise FileExistsError(f"{out_dir} already holds a face-ID export")
-    info = schema.DatasetInfo.load(data_dir)
-    index = loaders.load_clip_index(data_dir, "train")
-    num_classes = max(int(info.num_identities), int(index.identity_id.max()) + 1)
-    config = FaceIDConfig(num_classes=num_classes, image_size=image_size, crop=crop,
-                          channels=tuple(channels), embed_dim=embed_dim)
-    # Frames are read at the size the centre crop needs (capped at the stored size).
-    load_size = min(max(info.height, 8), int(math.ceil(image_size / crop)))
-    data_cfg = _data_config(data_dir, "train", load_size, settings.batch_size,
-                            settings.num_workers, settings.seed)
-
-    model = FaceIDClassifier(config, rngs=nnx.Rngs(settings.seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    schedule = optim.short_run_schedule(settings.lr, settings.warmup_steps, settings.steps)
-    optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
-    opt_state = optimizer.init(params)
-
-    def loss_fn(params, images, labels, key):
-        images = _augment(images, key, settings.flip_prob, settings.blur_prob)
-        _, cos = nnx.merge(graphdef, params)(images)
-        loss = cosface_loss(cos, labels, config.scale, config.margin)
-        return loss, jnp.mean(jnp.argmax(cos, -1) == labels)
-
-    @jax.jit
-    def train_step(params, opt_state, images, labels, key):
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, images, labels, key)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, acc
-
-    ds = loaders.stage1_dataset(data_cfg)
-    key = jax.random.key(settings.seed)
-    start = time.perf_counter()
-    history = []
-    for step, batch in zip(range(1, settings.steps + 1), iter(ds)):
-        images = np.concatenate([batch["source"], batch["driving"], batch["cross"]])
-        labels = np.concatenate([batch["identity"], batch["identity"], batch["cross_identity"]])
-        key, sub = jax.random.split(key)
-        params, opt_state, loss, acc = train_step(params, opt_state, images, labels, sub)
-        if step % settings.log_every == 0 or step == settings.steps:
-            loss, acc = float(loss), float(acc)
-            history.append({"step": step, "loss": loss, "train_accuracy": acc})
-            logging.info("face-ID step %d/%d: loss %.4f, train acc %.3f (%.1f steps/s)", step,
-                         settings.steps, loss, acc, step / (time.perf_counter() - start))
-    train_seconds = time.perf_counter() - start
-    nnx.update(model, params)
-
-    metrics: dict[str, Any] = {"chance": 1.0 / num_classes}
-    try:
-        held_out = loaders.read_frames(data_dir, "test", load_size,
-                                       frames_per_clip=settings.eval_frames_per_clip,
-                                       max_clips=settings.eval_max_clips)
-    except FileNotFoundError:
-        logging.warning("face-ID: %s has no test split; no held-out evaluation", data_dir)
-    else:
-        gallery = loaders.read_frames(data_dir, "train", load_size,
-                                      frames_per_clip=settings.eval_frames_per_clip,
-                                      max_clips=settings.eval_max_clips)
-        metrics.update(evaluate(model, held_out.images, held_out.identity, gallery.images,
-                                gallery.identity))
-        logging.info("face-ID held-out: %s", metrics)
-    meta = {
-        "train": {**dataclasses.asdict(settings), "data": os.path.abspath(data_dir),
-                  "load_size": load_size, "seconds": train_seconds},
-        "history": history,
-        "metrics": metrics,
-    }
-    save_face_id(out_dir, model, config, meta)
-    return model, {"model": config.to_json(), **meta}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m vasa_jax.models.face_id",
-                                description="Face-ID embedder for l_cross-id.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train on a clip-record dataset's identities")
-    p.add_argument("--data", required=True, help="clip-record dataset folder")
-    p.add_argument("--out", required=True, help="output folder (params + face_id.json)")
-    p.add_argument("--steps", type=int, default=TrainSettings.steps)
-    p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--crop", type=float, default=0.7)
-    p.add_argument("--channels", type=cli.int_list, default="32,64,128,256",
-                   help="comma-separated widths")
-    p.add_argument("--embed_dim", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=TrainSettings.batch_size)
-    p.add_argument("--lr", type=float, default=TrainSettings.lr)
-    p.add_argument("--seed", type=int, default=TrainSettings.seed)
-    p.add_argument("--num_workers", type=int, default=TrainSettings.num_workers)
-    p.add_argument("--log_every", type=int, default=TrainSettings.log_every)
-    args = parser.parse_args(argv)
-
-    def run() -> dict[str, Any]:
-        cli.check_output(args.out, "--out folder")  # before training, not after
-        settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                 seed=args.seed, num_workers=args.num_workers,
-                                 log_every=args.log_every)
-        return train(args.data, args.out, image_size=args.image_size, crop=args.crop,
-                     channels=args.channels, embed_dim=args.embed_dim, settings=settings)[1]
-
-    return cli.run_training(run)
-
-
-if __name__ == "__main__":
-    cli.run_main(main)

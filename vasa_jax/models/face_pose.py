@@ -16,63 +16,44 @@ parameters drop into `motion_encoder.pose_net`):
                has no `distance` labels or camera (dataset.json extra.camera.half_extent)
          + L1(landmarks; eye / mouth box centres)     with model.motion.glimpse_widths
 
-Frames come from the stage-1 loader (source, driving and cross frames: three labelled
-faces per example, with its scale/shift/colour jitter), optionally turned in the image
-plane (--rotate_deg, `rotate_batch`: the angle, framing and landmark targets turn with
+Training (vasa_jax.trainers.face_pose, a stage of the shared loop): frames come from the
+stage-1 loader (source, driving and cross frames: three labelled faces per example, with
+its scale/shift/colour jitter), optionally turned in the image plane
+(data.aug.rotate_deg, `rotate_batch`: the angle, framing and landmark targets turn with
 them; without it, a corpus with few distinct roll trajectories has its roll learnt by
 heart). Held-out evaluation: R^2 of each angle (and of tx, ty, scale with framing labels)
 on the test split's frames (other clips of the training identities).
 
-    python -m vasa_jax.models.face_pose train --config configs/face_latent.py:size=tiny \\
-        --data DIR --out OUT [--steps N] [--batch_size B] [--lr LR] [--rotate_deg D]
-        [--set FIELD=VALUE]
+    python train.py --config configs/face_pose.py:size=tiny --workdir OUT \\
+        --config.data.path=DIR [--config.data.aug.rotate_deg=D] \\
+        [--config.model.motion.glimpse_widths="(0.65,0.4)"]
 
-writes OUT/params (the pose net's parameters, `vasa_jax.checkpointing.export_params`) and
-OUT/face_pose.json (the model config's motion section, settings, metrics). Stage 1 uses it
-with --config.model.motion.pretrained_pose=OUT.
+ends by writing OUT/params (the pose net's parameters, `vasa_jax.checkpointing
+.export_params`) and OUT/face_pose.json (the model config's pose-net fields, the run's
+config, metrics; `save_pose_params`) next to its checkpoints. Stage 1 uses it with
+--config.model.motion.pretrained_pose=OUT.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import time
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
-from vasa_jax import cli, optim
 from vasa_jax.models import face_encoders, warping
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "face_pose.json"
 # The model config fields that fix the pose net's parameter shapes.
 ARCH_FIELDS = ("input_size", "stem", "channels", "blocks", "pool")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSettings:
-    steps: int = 2000
-    batch_size: int = 12  # stage-1 examples per step; each gives 3 labelled faces
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 1e-4
-    seed: int = 0
-    num_workers: int = 2  # grain worker processes (0: read in this process)
-    log_every: int = 100
-    eval_frames_per_clip: int = 16
-    eval_max_clips: int = 2000
-    # In-plane rotation augmentation: each training image turns by an angle drawn uniformly
-    # in [-rotate_deg, rotate_deg] degrees (`rotate_batch`); 0 = off.
-    rotate_deg: float = 0.0
 
 
 def _arch(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -223,125 +204,38 @@ def landmark_error(pred: np.ndarray, target: np.ndarray, size: int) -> dict[str,
     return {name: float(d) for name, d in zip(face_encoders.GLIMPSE_REGIONS, dist)}
 
 
-def train(config: ml_collections.ConfigDict, data_dir: str, out_dir: str, *,
-          settings: TrainSettings = TrainSettings()) -> dict[str, Any]:
-    """Trains the pose net of `config.model` (a configs/face_latent.py config) on the pose
-    labels of `data_dir`'s train split, evaluates it on the test split (if any) and saves
-    it to `out_dir`. Returns the contents of face_pose.json."""
-    from data_pipeline import loaders, schema
-    from vasa_jax.checkpointing import export_params
-    from vasa_jax.models.face_latent import motion_encoder
+def evaluate(encoder, images: np.ndarray, labels: dict[str, np.ndarray],
+             half_extent: float | None) -> dict[str, Any]:
+    """Metrics of the pose net of `encoder` (a MotionEncoder) on frames [N, S, S, 3] with
+    their labels {pose [N, 6], distance [N], *_box [N, 4]}: {"r2": angle_r2,
+    "framing_r2": framing_r2 (only with a camera half extent), "landmark_px":
+    landmark_error (only when the net locates the glimpse regions)}."""
+    target = np.asarray(warping.angles_from_labels(jnp.asarray(labels["pose"])))
+    out = predict(encoder, images)
+    metrics: dict[str, Any] = {"r2": angle_r2(out[:, :3], target)}
+    if half_extent is not None:
+        metrics["framing_r2"] = framing_r2(out, np.asarray(warping.framing_from_labels(
+            jnp.asarray(labels["pose"]), labels["distance"], half_extent)))
+    if encoder.glimpse_widths:
+        pred = out[:, warping.POSE_DIM:].reshape(len(out), -1, 2)
+        metrics["landmark_px"] = landmark_error(pred, np.asarray(box_centres(labels)),
+                                                images.shape[1])
+    return metrics
 
-    if settings.steps < 1 or settings.batch_size < 1:
-        raise ValueError(f"need steps >= 1 and batch_size >= 1, got steps={settings.steps}, "
-                         f"batch_size={settings.batch_size}")
-    if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
-        raise FileExistsError(f"{out_dir} already holds a face-pose export")
-    info = schema.DatasetInfo.load(data_dir)
-    labels = info.labels
-    half_extent = camera_half_extent(info)
-    if half_extent is None:
-        logging.warning("face-pose: %s records no camera half extent or `distance` labels: "
-                        "translation and scale are trained to the identity framing", data_dir)
-    if "pose" not in labels:
-        raise ValueError(f"{data_dir!r} has no `pose` labels (it has {labels}): the pose net "
-                         "learns from them")
-    glimpses = bool(config.model.motion.get("glimpse_widths"))
-    if glimpses and any(n not in labels for n in GLIMPSE_BOXES):
-        raise ValueError(f"model.motion.glimpse_widths: the pose net learns to locate the "
-                         f"glimpse regions from {GLIMPSE_BOXES} labels, but {data_dir!r} has "
-                         f"{labels}")
-    data_cfg = config.data.copy_and_resolve_references()
-    data_cfg.unlock()
-    data_cfg.update(path=data_dir, split="train", batch_size=settings.batch_size,
-                    num_workers=settings.num_workers, seed=settings.seed)
 
-    encoder = motion_encoder(config.model, rngs=nnx.Rngs(settings.seed))
-    graphdef, params, rest = nnx.split(encoder.pose_net, nnx.Param, ...)
-    schedule = optim.short_run_schedule(settings.lr, settings.warmup_steps, settings.steps)
-    optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
-    opt_state = optimizer.init(params)
+def save_pose_params(path: str, pose_net: nnx.Module, model_cfg: ml_collections.ConfigDict,
+                     extra: dict | None = None) -> None:
+    """Writes PATH/params (the pose net's nnx.Params, export_params) and PATH/face_pose.json
+    ({"arch": the model config's pose-net fields, ...extra}): what `load_pose_params` reads."""
+    from vasa_jax.checkpointing import export_params  # orbax stays out of plain imports
 
-    def loss_fn(params, images, pose_labels, framing, centres):
-        net = nnx.merge(graphdef, params, rest)
-        z_pose, pred = encoder.split_pose_output(net(images))
-        loss = pose_loss(z_pose, pose_labels, framing)
-        return loss if pred is None else loss + jnp.mean(jnp.abs(pred - centres))
-
-    @jax.jit
-    def train_step(params, opt_state, images, pose_labels, framing, centres):
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, pose_labels, framing,
-                                                  centres)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    ds = loaders.stage1_dataset(data_cfg)
-    rng = np.random.default_rng(settings.seed)  # the rotation augmentation's angles
-    # framing_from_labels measures tx, ty from the principal point, which SynthTalk's
-    # "face" framing puts above the image centre (camera center_y < 0; rotate_batch's
-    # framing_origin).
-    principal_y = (float(info.extra.get("camera", {}).get("center_y", 0.0)) / half_extent
-                   if half_extent is not None else 0.0)
-    start, history = time.perf_counter(), []
-    for step, batch in zip(range(1, settings.steps + 1), iter(ds)):
-        images = np.concatenate([batch["source"], batch["driving"], batch["cross"]])
-        frame_labels = [batch["labels"][k] for k in ("source", "driving", "cross")]
-        poses = np.concatenate([f["pose"] for f in frame_labels])
-        centres = (np.concatenate([box_centres(f) for f in frame_labels]) if glimpses
-                   else np.zeros((len(images), 0, 2), np.float32))
-        framing = None
-        if half_extent is not None:
-            framing = warping.framing_from_labels(
-                poses, np.concatenate([f["distance"] for f in frame_labels]), half_extent,
-                np.concatenate([batch["jitter"][:, k] for k in range(3)]))
-        if settings.rotate_deg > 0:
-            zoom = np.concatenate([batch["jitter"][:, k, 0] for k in range(3)])
-            images, poses, centres, framing = rotate_batch(
-                images, poses, centres, framing,
-                rng.uniform(-settings.rotate_deg, settings.rotate_deg, len(images)),
-                zoom[:, None] * np.asarray([0.0, principal_y]))
-        params, opt_state, loss = train_step(params, opt_state, images, poses, framing,
-                                             centres)
-        if step % settings.log_every == 0 or step == settings.steps:
-            history.append({"step": step, "loss": float(loss)})
-            logging.info("face-pose step %d/%d: loss %.4f (%.1f steps/s)", step, settings.steps,
-                         float(loss), step / (time.perf_counter() - start))
-    train_seconds = time.perf_counter() - start
-    nnx.update(encoder.pose_net, params)
-
-    metrics: dict[str, Any] = {}
-    for split in ("test", "train"):
-        try:
-            frames = loaders.read_frames(data_dir, split, int(config.model.image_size),
-                                         frames_per_clip=settings.eval_frames_per_clip,
-                                         max_clips=settings.eval_max_clips)
-        except FileNotFoundError:
-            logging.warning("face-pose: %s has no %s split", data_dir, split)
-            continue
-        target = np.asarray(warping.angles_from_labels(jnp.asarray(frames.labels["pose"])))
-        out = predict(encoder, frames.images)
-        metrics[f"{split}_r2"] = angle_r2(out[:, :3], target)
-        if half_extent is not None:
-            metrics[f"{split}_framing_r2"] = framing_r2(out, np.asarray(
-                warping.framing_from_labels(jnp.asarray(frames.labels["pose"]),
-                                            frames.labels["distance"], half_extent)))
-        if glimpses:
-            pred = out[:, warping.POSE_DIM:].reshape(len(out), -1, 2)
-            metrics[f"{split}_landmark_px"] = landmark_error(
-                pred, np.asarray(box_centres(frames.labels)), int(config.model.image_size))
-    logging.info("face-pose R^2: %s", metrics)
-    meta = {
-        "arch": _arch(config.model),
-        "train": {**dataclasses.asdict(settings), "data": os.path.abspath(data_dir),
-                  "seconds": train_seconds},
-        "history": history,
-        "metrics": metrics,
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    export_params(os.path.join(out_dir, PARAMS_DIR), nnx.state(encoder.pose_net, nnx.Param))
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    return meta
+    params_path = os.path.join(path, PARAMS_DIR)
+    if os.path.exists(params_path):
+        raise FileExistsError(f"{params_path} exists; pose-net exports are never overwritten")
+    os.makedirs(path, exist_ok=True)
+    export_params(params_path, nnx.state(pose_net, nnx.Param))
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump({"arch": _arch(model_cfg), **(extra or {})}, f, indent=2, sort_keys=True)
 
 
 def load_pose_params(path: str, model_cfg: ml_collections.ConfigDict) -> nnx.State:
@@ -353,8 +247,8 @@ def load_pose_params(path: str, model_cfg: ml_collections.ConfigDict) -> nnx.Sta
     meta_path = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(
-            f"{meta_path} not found: pre-train the pose net with `python -m "
-            "vasa_jax.models.face_pose train --config CONFIG --data DIR --out PATH`")
+            f"{meta_path} not found: pre-train the pose net with `python train.py --config "
+            "configs/face_pose.py:size=tiny --workdir PATH --config.data.path=DIR`")
     with open(meta_path) as f:
         meta = json.load(f)
     want = _arch(model_cfg)
@@ -368,35 +262,3 @@ def load_pose_params(path: str, model_cfg: ml_collections.ConfigDict) -> nnx.Sta
     logging.info("pose net from %s (held-out R^2 %s)", path,
                  meta.get("metrics", {}).get("test_r2"))
     return jax.tree.map(np.asarray, params)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import configs
-
-    parser = cli.ArgumentParser(prog="python -m vasa_jax.models.face_pose",
-                                description="Pre-train stage 1's head-pose net on labels.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train on a clip-record dataset's pose labels")
-    p.add_argument("--config", default="configs/face_latent.py:size=tiny",
-                   help="the stage-1 config whose pose net is trained")
-    p.add_argument("--data", required=True, help="clip-record dataset folder")
-    p.add_argument("--out", required=True, help="output folder (params + face_pose.json)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field, e.g. model.motion.glimpse_widths=(0.65,0.4)")
-    names = ("steps", "batch_size", "lr", "seed", "num_workers", "log_every", "rotate_deg")
-    for name in names:
-        default = getattr(TrainSettings, name)
-        p.add_argument(f"--{name}", type=type(default), default=default)
-    args = parser.parse_args(argv)
-
-    def run() -> dict[str, Any]:
-        cli.check_output(args.out, "--out folder")  # before training, not after
-        config = configs.load(args.config, **configs.parse_overrides(args.set))
-        settings = TrainSettings(**{k: getattr(args, k) for k in names})
-        return train(config, args.data, args.out, settings=settings)
-
-    return cli.run_training(run)
-
-
-if __name__ == "__main__":
-    cli.run_main(main)

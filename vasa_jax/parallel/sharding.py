@@ -15,10 +15,11 @@ A logical name missing from the rules is an error (a typo must not silently repl
 Typical trainer use:
 
     graphdef, state, shardings = create_sharded_state(create, mesh, rules)
-    step = jax.jit(train_step, in_shardings=(shardings, data_sharding(mesh)),
+    batch = data_sharding(mesh, batch_axes(rules))   # the rules' "batch" entry
+    step = jax.jit(train_step, in_shardings=(shardings, batch),
                    out_shardings=(shardings, None), donate_argnums=0)
     with mesh_rules(mesh, rules):
-        state, metrics = step(state, global_batch(local_batch, data_sharding(mesh)))
+        state, metrics = step(state, global_batch(local_batch, batch))
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 LogicalAxes = Sequence[str | None]
 Rules = Sequence[tuple[str, str | Sequence[str] | None]] | Mapping[str, Any]
 
+# The batch axes of callers without a config (tests, tools); a config's are the mesh rules'
+# "batch" entry (`batch_axes`).
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -236,6 +239,16 @@ def create_sharded_state(create_fn: Callable[[], Any], mesh: Mesh, rules: Rules)
     return ShardedState(graphdef, state, shardings)
 
 
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+    """The mesh axes the batch dimension is split over: the rules' "batch" entry (an error
+    when they have none, as for any logical name). () = every device sees the whole batch."""
+    rules = rules if isinstance(rules, dict) else normalize_rules(rules)
+    if "batch" not in rules:
+        raise ValueError(f"the mesh rules have no 'batch' entry (they name {sorted(rules)}): "
+                         "add one, e.g. ('batch', ('data', 'fsdp'))")
+    return rules["batch"]
+
+
 def data_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
     """Batch sharding: leading dim over the mesh's batch axes, other dims replicated."""
     axes = tuple(a for a in batch_axes if a in mesh.axis_names)
@@ -318,8 +331,9 @@ class BatchMapper:
 
     def __init__(self, mesh: Mesh, rules: Rules, batch_size: int):
         self.mesh, self.rules = mesh, rules
-        self.batch_size = round_batch_size(mesh, batch_size)
-        self.data_sharding = data_sharding(mesh)
+        axes = batch_axes(rules)
+        self.batch_size = round_batch_size(mesh, batch_size, axes)
+        self.data_sharding = data_sharding(mesh, axes)
 
     def put(self, x: np.ndarray) -> jax.Array:
         """Host rows [n <= batch_size, ...] -> a padded [batch_size, ...] device batch."""

@@ -11,7 +11,7 @@ What `train` does, in order:
      `make_stage(config)` (which may load frozen networks: VGG19, a face-ID embedder).
   2. The mesh from `config.mesh.axes`; parameter shardings from the logical-axis rules
      `config.mesh.rules`, computed on the abstract state (`abstract_state`, nothing
-     allocated).
+     allocated); the batch is split over the mesh axes of the rules' "batch" entry.
   3. Resume: the latest checkpoint in `<workdir>/checkpoints` (train state + grain iterator
      position), else a fresh state created already sharded. A resumed run continues at the
      next step with exactly the next batch.
@@ -56,8 +56,10 @@ What `train` does, in order:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -113,7 +115,8 @@ class Stage:
       traced inside the loop's jitted step; it updates train_state in place (optimizer
       updates) and must not add or remove variables. The metrics must include the losses
       and the gradients' global norms: a NaN/inf in any metric discards the step's update.
-        batch: {key: global jax.Array [B, ...]} for `batch_keys`, sharded over the batch axes.
+        batch: {key: global jax.Array [B, ...]} for `batch_keys`, B split over the mesh
+          axes of the "batch" entry of config.mesh.rules.
         rng: a PRNG key, different every step.
         frozen: `frozen` below, replicated on every device.
     make_dataset: (process_index, process_count) -> grain.IterDataset of dict batches (this
@@ -127,6 +130,10 @@ class Stage:
       examples of the run's first batch). None: no images.
     ema: the EMA the loop maintains, if any.
     progress_keys: metrics on the progress line (default: those named loss*).
+    config: the config as the stage runs it, when make_stage resolved some of its values
+      (a loss weight forced to 0, a weight computed from the data): saved with every
+      checkpoint and logged in place of the given one, so the run records what ran. None:
+      the given config.
     """
 
     create_state: Callable[[], Any]
@@ -137,6 +144,7 @@ class Stage:
     image_summary: Callable[[Any, Batch, Any], Mapping[str, jax.Array]] | None = None
     ema: EMA | None = None
     progress_keys: tuple[str, ...] | None = None
+    config: ml_collections.ConfigDict | None = None
 
 
 class TrainResult(NamedTuple):
@@ -154,6 +162,7 @@ class TrainResult(NamedTuple):
     # logger.goodput_summary of this call: wall seconds and the shares of productive steps,
     # compiling, data wait and checkpointing (None when no step ran).
     goodput: Mapping[str, float] | None = None
+    config: ml_collections.ConfigDict | None = None  # the config as run (Stage.config)
 
 
 # ------------------------------------------------------------------------------ pieces
@@ -197,6 +206,21 @@ def memory_stats(compiled: Any) -> dict[str, int]:
         return {}
     return {name: int(getattr(analysis, name)) for name in dir(analysis)
             if name.endswith("_in_bytes") and isinstance(getattr(analysis, name), int)}
+
+
+def config_changes(given: ml_collections.ConfigDict, ran: ml_collections.ConfigDict
+                   ) -> dict[str, tuple[Any, Any]]:
+    """{dotted field: (given value, value run)} for the leaves that differ."""
+
+    def flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else
+                       {prefix + k: v})
+        return out
+
+    a, b = flat(given.to_dict()), flat(ran.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 def _mib(n: int) -> str:
@@ -371,7 +395,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     mesh = create_mesh(config.mesh.axes)
     rules = config.mesh.rules
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = sharding.data_sharding(mesh)
+    batch_sharding = sharding.data_sharding(mesh, sharding.batch_axes(rules))
+    logging.info("batch split over mesh axes %s", batch_sharding.spec[0])
+    run_config = config if stage.config is None else stage.config
+    for field, (given, ran) in config_changes(config, run_config).items():
+        logging.info("config.%s runs as %r (given %r)", field, ran, given)
 
     graphdef, abstract, shardings = sharding.abstract_state(stage.create_state, mesh, rules)
     counts = param_counts(nnx.merge(graphdef, abstract))
@@ -411,7 +439,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     try:
         if step >= t.total_steps:
             logging.info("nothing to do: step %d >= train.total_steps %d", step, t.total_steps)
-            return TrainResult(step, graphdef, state, {}, None, {}, False)
+            return TrainResult(step, graphdef, state, {}, None, {}, False, config=run_config)
 
         step_fn = jit_step(graphdef, stage, config.seed, shardings, batch_sharding, replicated)
         start = time.perf_counter()
@@ -463,7 +491,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             start = time.perf_counter()
             # The EMA module again as its own item: what inference restores (the weights only).
             weights = state[stage.ema.target] if stage.ema is not None else None
-            checkpointer.save(at_step, state, data_iter=data_iter, config=config,
+            checkpointer.save(at_step, state, data_iter=data_iter, config=run_config,
                               weights=weights, force=True)
             last_saved = at_step
             blocked = time.perf_counter() - start  # asynchronous: the device-to-host copy
@@ -619,7 +647,68 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         writer.write_summary(step, {"start_step": first_step, "skipped_steps": skipped_steps,
                                     **goodput})
         return TrainResult(step, graphdef, state, last_metrics, compile_seconds, memory, stopped,
-                           skipped_steps, stop_reason, goodput)
+                           skipped_steps, stop_reason, goodput, run_config)
     finally:
         checkpointer.close()  # waits for pending asynchronous saves
         writer.close()
+
+
+# ------------------------------------------------------------------------------ exports
+# The helper networks (head-pose pre-training, face-ID, expression meter) end their runs with
+# a params-only export in the workdir: <workdir>/params plus a JSON file, the format their
+# loaders read (load_pose_params, load_face_id, load_expression_meter), so the run folder
+# is what every consumer is given.
+
+
+def check_export_folder(workdir: str, meta_file: str) -> None:
+    """Raises if `workdir` holds an export (`meta_file`) without a run (no checkpoints): an
+    export made elsewhere, which this run would overwrite."""
+    if (os.path.exists(os.path.join(workdir, meta_file))
+            and not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))):
+        raise FileExistsError(f"{workdir!r} holds an export ({meta_file}) but no run "
+                              f"({CHECKPOINT_DIR}/): train into a new --workdir")
+
+
+def export_finished_run(workdir: str, meta_file: str, params_dir: str, result: TrainResult,
+                        total_steps: int, write: Callable[[], None]) -> bool:
+    """Calls `write()` to write the export of a finished run (result.step >= total_steps)
+    into `workdir` (params_dir + meta_file), first removing an older export unless its
+    meta_file records this step ("train": {"steps": ...}): a finished run re-run exports
+    nothing, one extended to more steps exports again. The meta file goes last: its
+    presence marks a complete export. Single-process runs only (with several processes a
+    warning says to re-run the command on one: it finds the run finished and exports).
+    Returns whether it wrote."""
+    if result.step < total_steps or result.stopped_early:
+        return False
+    if jax.process_count() > 1:
+        logging.warning("the params-only export is written by single-process runs: run the "
+                        "same command again in one process (it resumes the finished run and "
+                        "exports it)")
+        return False
+    meta_path = os.path.join(workdir, meta_file)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f).get("train", {}).get("steps") == result.step:
+                logging.info("%s already exports step %d", workdir, result.step)
+                return False
+        os.remove(meta_path)
+    shutil.rmtree(os.path.join(workdir, params_dir), ignore_errors=True)
+    write()
+    return True
+
+
+def logged_history(workdir: str, keys: Mapping[str, str], last_step: int) -> list[dict]:
+    """[{"step": s, name: value}] from metrics.jsonl for the steps <= last_step that logged
+    the metrics `keys` ({name in the history: logged metric}), the latest record of a step
+    (a resumed run logs again the steps after its checkpoint)."""
+    by_step = {}
+    for record in logger_lib.read_metrics(workdir):
+        if record["step"] <= last_step and all(k in record for k in keys.values()):
+            by_step[record["step"]] = {"step": record["step"],
+                                       **{name: record[k] for name, k in keys.items()}}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict:
+    """The config as a JSON-ready dict (references resolved), for an export's JSON."""
+    return json.loads(config.to_json_best_effort())
