@@ -61,7 +61,8 @@ def abstract_batch(stage, config, batch_sharding):
     from vasa_jax.parallel import sharding
 
     global_batch = int(config.data.batch_size)
-    fits = sharding.round_batch_size(batch_sharding.mesh, global_batch)
+    fits = sharding.round_batch_size(batch_sharding.mesh, global_batch,
+                                     sharding.batch_axes(config.mesh.rules))
     if fits != global_batch:
         raise ValueError(f"data.batch_size {global_batch} does not split over the mesh's batch "
                          f"axes ({dict(batch_sharding.mesh.shape)}): pass e.g. --set "
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage = module.make_stage(small)
     rules = config.mesh.rules
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = sharding.data_sharding(mesh)
+    batch_sharding = sharding.data_sharding(mesh, sharding.batch_axes(rules))
     graphdef, abstract, shardings = sharding.abstract_state(stage.create_state, mesh, rules)
     counts = loop.param_counts(nnx.merge(graphdef, abstract))
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts.items()))
