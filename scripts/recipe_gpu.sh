@@ -35,16 +35,17 @@ fi
 
 if [ ! -f "$W/meter/expression_meter.json" ]; then
   stamp "expression meter ($METER_STEPS steps)"
-  $PY -m vasa_jax.models.expression_meter train --data "$D" --out "$W/meter" \
-    --steps "$METER_STEPS" --batch_size 32 --size "$SIZE"
+  $PY train.py --config configs/expression_meter.py:size=tiny --workdir "$W/meter" \
+    --config.data.path="$D" --config.train.total_steps="$METER_STEPS" \
+    --config.data.batch_size=32 --config.model.image_size="$SIZE"
 fi
 
 if [ ! -f "$W/pose/face_pose.json" ]; then
   stamp "head-pose and landmark net ($POSE_STEPS steps; frozen in stage 1)"
-  $PY -m vasa_jax.models.face_pose train --data "$D" --out "$W/pose" --steps "$POSE_STEPS" \
-    --batch_size 32 --rotate_deg "$POSE_ROTATE_DEG" --set model.motion.glimpse_widths="$GLIMPSES" \
-    --set data.image_size=$SIZE --set model.volume.size=$((SIZE / 4)) \
-    --set model.motion.input_size=$SIZE --set model.app.stem=32
+  $PY train.py --config configs/face_pose.py:size=tiny --workdir "$W/pose" "${ARCH[@]}" \
+    --config.data.path="$D" --config.train.total_steps="$POSE_STEPS" \
+    --config.data.batch_size=32 --config.data.aug.rotate_deg="$POSE_ROTATE_DEG" \
+    --config.model.motion.glimpse_widths="$GLIMPSES"
 fi
 
 stamp "stage 1 ($STAGE1_STEPS steps or $STAGE1_MINUTES minutes)"

@@ -18,8 +18,8 @@ recipe_start() {
 
 # The dynamics encoder reads zoomed eye and mouth glimpses located by the pose net.
 GLIMPSES="(0.65,0.4)"
-# The pose net's training turns its images by up to this many degrees (face_pose
-# --rotate_deg): without it, it learns the corpus's few roll trajectories by heart.
+# The pose net's training turns its images by up to this many degrees (configs/face_pose.py
+# data.aug.rotate_deg): without it, it learns the corpus's few roll trajectories by heart.
 POSE_ROTATE_DEG=15
 # Its training steps: held-out yaw/pitch/roll R^2 0.889 at 2500, 0.941 at 5000 (roll 0.78 ->
 # 0.89; docs/experiments.md).
@@ -67,7 +67,9 @@ recipe_after_stage1() {
     stamp "model export for sample.py (--model $W/export)"
     $PY -m vasa_jax.inference export --face_workdir "$W/face" --motion_workdir "$W/motion" \
       --out "$W/export"
-    cp -r "$W/meter" "$W/export/expression_meter"  # sample.py reports lip sync with it
+    # sample.py reports lip sync with the meter: its export, not its run
+    mkdir -p "$W/export/expression_meter"
+    cp -r "$W/meter/params" "$W/meter/expression_meter.json" "$W/export/expression_meter/"
   fi
   stamp "summary"
   tail -n 3 "$W/face_eval.txt"
