@@ -281,8 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "own audio track)")
     parser.add_argument("--capp", default=None, help="a CAPP training run (CAPP column)")
     parser.add_argument("--face_id", default=None,
-                        help="a face-ID embedder export (`python -m vasa_jax.models.face_id "
-                             "train`; identity-drift column)")
+                        help="a face-ID embedder export (the workdir of `python train.py "
+                             "--config configs/face_id.py`; identity-drift column)")
     parser.add_argument("--syncnet", default=None,
                         help="SyncNet weights converted by `python -m vasa_jax.models.syncnet "
                              "convert --weights syncnet_v2.model --out DIR` (Sc, SD columns)")
