@@ -1,4 +1,4 @@
-"""The training skeleton both stages share: mesh, sharded state, resume, one jitted step, logs.
+"""The training skeleton every stage shares: mesh, sharded state, resume, one jitted step, logs.
 
 A stage describes itself with a `Stage` (its models and optimizers, its step, its data, its
 image summary, its EMA) and calls `train(config, workdir, make_stage)`:
