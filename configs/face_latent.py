@@ -77,7 +77,7 @@ def model_config(size: str, image_size) -> ml_collections.ConfigDict:
              # half read from that region alone (face_encoders.MotionEncoder). The eye state
              # then has its own dimensions instead of hiding in the mouth's variation.
              dyn_split=False,
-             # A `python -m vasa_jax.models.face_pose train` export: the pose net starts
+             # A configs/face_pose.py run (its workdir): the pose net starts
              # from it (MegaPortraits pre-trains its head-pose estimator). "" = random init.
              pretrained_pose="",
              # Keep that pre-trained net fixed (MegaPortraits freezes its pose estimator):
@@ -287,7 +287,7 @@ def loss_config(size: str) -> ml_collections.ConfigDict:
     # two decodes: at 1.0 the term doubles a tiny CPU step.
     l.consist_fraction = 1.0
     l.cross_id_weight = 4.0  # VASA-1 l_cross-id; needs face_id_path (else forced to 0)
-    l.face_id_path = ""  # a `python -m vasa_jax.models.face_id train` export
+    l.face_id_path = ""  # a configs/face_id.py run (its workdir)
     # Supervised head pose: L1 (radians) between z_pose's yaw/pitch/roll and the frames'
     # `pose` labels. MegaPortraits pre-trains its pose encoder on head-pose labels and
     # face-vid2vid has the same L1 term; labels come from SynthTalk or the real-video

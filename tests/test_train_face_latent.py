@@ -234,6 +234,16 @@ def test_consist_fraction_uses_the_first_pairs_only(run, data_dir):
         tiny_config(data_dir, loss__consist_fraction=0.0)
 
 
+def test_the_saved_config_records_the_loss_weights_that_run(data_dir):
+    """Without a face-ID model l_cross-id is off: the config the checkpoints save says 0."""
+    config = tiny_config(data_dir, loss__perceptual_weight=0.0)
+    assert config.loss.cross_id_weight > 0 and not config.loss.face_id_path
+    stage = face_latent.make_stage(config)
+    assert abs(stage.config.loss.cross_id_weight) < 1e-12
+    assert abs(stage.config.loss.pose_weight - config.loss.pose_weight) < 1e-12
+    assert config.loss.cross_id_weight > 0  # the given config is left as it was
+
+
 def test_pose_loss_needs_pose_labels(data_dir, tmp_path):
     unlabelled = tmp_path / "no_pose"
     shutil.copytree(data_dir, unlabelled)

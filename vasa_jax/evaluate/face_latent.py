@@ -825,8 +825,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="face-ID export for identity similarity (default: the run's "
                              "loss.face_id_path; '' forces the z_id fallback)")
     parser.add_argument("--expression_meter", default=None,
-                        help="expression-meter export (python -m "
-                             "vasa_jax.models.expression_meter train): adds expression "
+                        help="expression-meter run (python train.py --config "
+                             "configs/expression_meter.py ...): adds expression "
                              "transfer (Pearson r of mouth, blink, gaze readings vs the "
                              "driver's labels)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")

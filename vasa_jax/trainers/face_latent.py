@@ -139,8 +139,9 @@ def effective_weights(loss_cfg: ml_collections.ConfigDict) -> dict[str, float]:
     if w["cross_id"] > 0 and not loss_cfg.face_id_path:
         logging.warning(
             "loss.cross_id_weight=%g but loss.face_id_path is empty: l_cross-id is OFF. Train "
-            "a face-ID model (`python -m vasa_jax.models.face_id train --data DIR --out OUT`) "
-            "and pass --config.loss.face_id_path=OUT to enable it.", w["cross_id"])
+            "a face-ID model (`python train.py --config configs/face_id.py --workdir OUT "
+            "--config.data.path=DIR`) and pass --config.loss.face_id_path=OUT to enable it.",
+            w["cross_id"])
         w["cross_id"] = 0.0
     return w
 
@@ -179,6 +180,9 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         logging.info("the pre-trained pose net %s is frozen: no pose loss "
                      "(model.motion.freeze_pretrained_pose)", config.model.motion.pretrained_pose)
         w["pose"] = 0.0
+    # The config saved with the checkpoints records the weights that run, not those asked.
+    ran = config.copy_and_resolve_references()
+    ran.loss.cross_id_weight, ran.loss.pose_weight = w["cross_id"], w["pose"]
     use_gan = w["adv"] > 0 or w["fm"] > 0
     gan_start = int(lc.gan_start_step)
     total = config.train.total_steps
@@ -207,10 +211,10 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     if config.model.motion.glimpse_widths and not pose_frozen(config):
         raise ValueError(
             "model.motion.glimpse_widths: the glimpses are placed by a pose net pre-trained "
-            "to locate the eyes and mouth and kept fixed. Train one (`python -m "
-            "vasa_jax.models.face_pose train --data DIR --out OUT --set "
-            "model.motion.glimpse_widths=...`) and pass --config.model.motion.pretrained_pose"
-            "=OUT with model.motion.freeze_pretrained_pose=True.")
+            "to locate the eyes and mouth and kept fixed. Train one (`python train.py "
+            "--config configs/face_pose.py --workdir OUT --config.data.path=DIR "
+            "--config.model.motion.glimpse_widths=...`) and pass --config.model.motion."
+            "pretrained_pose=OUT with model.motion.freeze_pretrained_pose=True.")
     pose_params = load_pose_params(path, config.model) if path else None
 
     frozen, vgg_graphdef, face_id = {}, None, None
@@ -384,6 +388,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         image_summary=image_summary,
         ema=loop.EMA(source="generator", target="ema", decay=config.train.ema_decay),
         progress_keys=PROGRESS_KEYS,
+        config=ran,
     )
 
 
