@@ -35,6 +35,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         channels=(32, 64, 64, 128),  # one 3x3 conv each
         hidden=128,  # width of the dense layer after the mean pool
         gaze_scale=20.0,  # degrees per output unit of gaze_theta / gaze_phi
+        head="mean",  # "flatten": the final feature map's layout reaches the dense layer
     ))
     c.data = common.data_stage1("tiny")
     c.data.image_size = c.model.get_ref("image_size")

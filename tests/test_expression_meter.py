@@ -135,6 +135,25 @@ def test_export_loads_and_matches_the_checkpoint(trained):
     assert meter(jnp.zeros((2, 64, 48, 3)))["gaze"].shape == (2, 2)
 
 
+def test_flatten_head_keeps_the_feature_map_layout(tmp_path):
+    """head="flatten": the dense layer sees every position of the final map (gaze is where
+    the iris sits); the head is saved with the export and rebuilt by the loader."""
+    cfg = em.ExpressionMeterConfig(image_size=32, channels=(8, 8, 8), hidden=16, head="flatten")
+    net = em.ExpressionMeterNet(cfg, rngs=nnx.Rngs(0))
+    assert net.hidden.kernel.shape == (8 * 8 * 8, 16)  # 32 / 2^2 = 8: an 8 x 8 x 8 map
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    images[0, 12:16, 4:8], images[1, 12:16, 20:24] = 1.0, 1.0  # one spot, two places
+    out = np.asarray(net(jnp.asarray(images)))
+    assert out.shape == (2, 4) and np.abs(out[0] - out[1]).max() > 1e-4
+    em.save_expression_meter(str(tmp_path / "m"), net, cfg)
+    meter = em.load_expression_meter(str(tmp_path / "m"))
+    assert meter.config.head == "flatten"
+    np.testing.assert_allclose(np.asarray(meter(jnp.asarray(images))["mouth_open"]), out[:, 0],
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="head must be one of"):
+        load_config("unused", model__head="max")
+
+
 def test_committed_demo_meter_still_loads():
     """Exports written by the helper's old command load unchanged."""
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "demo_model",

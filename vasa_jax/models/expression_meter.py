@@ -9,7 +9,9 @@ a landmark / gaze estimator, trained on the dataset's own per-frame labels:
     images [B, H, W, 3] in [-1, 1] (any H, W)
       -> resize to image_size x image_size (antialiased when shrinking)
       -> len(channels) x (3x3 conv, ReLU), a 2x average pool after all but the last
-      -> global mean pool -> dense, ReLU -> dense -> [B, 4] scaled outputs
+      -> head: global mean pool [B, C] ("mean"), or the final map flattened
+         [B, (image_size / 2^(L-1))^2 C] ("flatten": position-aware, reads gaze)
+      -> dense, ReLU -> dense -> [B, 4] scaled outputs
 
 No normalisation layers: a plain conv net learns SynthTalk's small features (a mouth a few
 pixels tall) fast at batch 16, GroupNorm was measured to slow that down a lot, and without
@@ -68,6 +70,7 @@ CONFIG_FILE = "expression_meter.json"
 PARAMS_DIR = "params"
 LABELS = ("mouth_open", "blink", "gaze")  # the schema labels read (gaze: [2] degrees)
 OUTPUT_COLUMNS = ("mouth_open", "blink", "gaze_theta", "gaze_phi")
+HEADS = ("mean", "flatten")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +81,18 @@ class ExpressionMeterConfig:
     channels: tuple[int, ...] = (32, 64, 64, 128)  # one 3x3 conv each
     hidden: int = 128  # width of the dense layer after the mean pool
     gaze_scale: float = 20.0  # degrees per output unit of gaze_theta / gaze_phi
+    # After the convs: "mean" (global mean pool: where a feature is is lost) or "flatten"
+    # (the whole final map into the dense layer: position-aware, so an iris's place in the
+    # eye, i.e. gaze, can be read). Exports written before this field read as "mean".
+    head: str = "mean"
 
     def __post_init__(self):
         pools = 2 ** (len(self.channels) - 1)
         if not self.channels or self.image_size < 2 * pools or self.image_size % pools:
             raise ValueError(f"image_size {self.image_size} does not fit {len(self.channels)} "
                              f"conv layers: it must be a multiple of {pools} and >= {2 * pools}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.gaze_scale <= 0 or self.hidden < 1:
             raise ValueError(f"need gaze_scale > 0 and hidden >= 1, got {self.gaze_scale}, "
                              f"{self.hidden}")
@@ -128,7 +137,10 @@ class ExpressionMeterNet(nnx.Module):
             Conv(cin, cout, (3, 3), weight_std=False, init_scale=2.0**0.5, rngs=rngs)
             for cin, cout in zip((3,) + ch[:-1], ch)
         ])
-        self.hidden = Dense(ch[-1], cfg.hidden, names=("embed", "mlp"), init_scale=2.0**0.5,
+        self.head = cfg.head
+        side = cfg.image_size // 2 ** (len(ch) - 1)  # the final map's side
+        fan_in = ch[-1] * (side * side if cfg.head == "flatten" else 1)
+        self.hidden = Dense(fan_in, cfg.hidden, names=("embed", "mlp"), init_scale=2.0**0.5,
                             rngs=rngs)
         self.out = Dense(cfg.hidden, len(OUTPUT_COLUMNS), names=("mlp", "embed"), rngs=rngs)
 
@@ -144,7 +156,8 @@ class ExpressionMeterNet(nnx.Module):
             x = jax.nn.relu(conv(x))
             if i < len(self.convs) - 1:
                 x = avg_pool(x, (2, 2))
-        x = jax.nn.relu(self.hidden(jnp.mean(x, axis=(1, 2))))
+        x = x.reshape(x.shape[0], -1) if self.head == "flatten" else jnp.mean(x, axis=(1, 2))
+        x = jax.nn.relu(self.hidden(x))
         return self.out(x)
 
 

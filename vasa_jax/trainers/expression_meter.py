@@ -49,7 +49,7 @@ BATCH_KEYS = ("images", "targets")
 def model_config(config: ml_collections.ConfigDict) -> em.ExpressionMeterConfig:
     m = config.model
     return em.ExpressionMeterConfig(image_size=m.image_size, channels=tuple(m.channels),
-                                    hidden=m.hidden, gaze_scale=m.gaze_scale)
+                                    hidden=m.hidden, gaze_scale=m.gaze_scale, head=m.head)
 
 
 class TrainState(nnx.Module):
