@@ -4,17 +4,22 @@
 
 For held-out SynthTalk clips, each clip's first frame is the portrait and its speech the
 audio; every control variant generates a video. The output frames are read back by the
-export's own stage-1 encoder (z_pose angles; ridge probes fitted on the same clips' real
-frames map z_pose to head distance and [z_pose, z_dyn] to the camera-frame gaze) and by the
-expression meter (mouth, and gaze: a reader independent of stage 1; how well each reader
-follows the labels on the real frames is printed first).
+export's own stage-1 encoder (z_pose angles; ridge probes fitted on --probe_clips training
+clips' real frames map z_pose to head distance and [z_pose, z_dyn] to the camera-frame
+gaze) and by the expression meter (mouth, and gaze: a reader independent of stage 1).
+Both gaze readers are calibrated on the held-out clips' real frames
+(`vasa_jax.metrics.probes.calibrate`): a regressor shrinks toward the mean, so a face
+looking 15 degrees off reads as ~15 x slope; the calibration inverts that line, so real
+frames read their labels on average. How well each reader follows the labels on the real
+frames (r, slope) is printed first. The probe also reads the generated motion itself,
+before decoding ("gaze of motion").
 Printed as a markdown table, per variant: mouth r (meter vs the clip's true mouth_open),
 envelope r (meter vs the speech's frame RMS, best lag within +-3), dP of the motion as
 decoded (mean frame-to-frame change of z_pose's yaw/pitch/roll, degrees; for real frames,
 of the pose labels), dP of the frames (the same of the re-read angles: this includes the
 pose net's reading noise), the mean re-read angle away from the portrait's pose, the mean
-re-read gaze (theta, phi) and its angular error to the gaze request (degrees), the same read
-by the meter, and the mean re-read head distance. The gaze request is the data's mean gaze plus --gaze degrees on
+re-read gaze (theta, phi) and the angle between it and the gaze request (degrees), the same
+read by the meter, and the mean re-read head distance. The gaze request is the data's mean gaze plus --gaze degrees on
 --gaze_axis: phi (horizontal, the default) spans +-22 degrees in SynthTalk, theta
 (vertical) only -12..10, so +15 degrees of theta asks for more than the data shows.
 """
@@ -35,6 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="a model export (vasa_jax.inference)")
     p.add_argument("--data", required=True, help="a SynthTalk corpus with a test split")
     p.add_argument("--clips", type=int, default=8)
+    p.add_argument("--probe_clips", type=int, default=24,
+                   help="training clips whose real frames fit the gaze / distance probes")
     p.add_argument("--meter", default=None, help="expression meter (default MODEL/expression_meter)")
     p.add_argument("--gaze", type=float, default=15.0, help="requested gaze offset (deg)")
     p.add_argument("--gaze_axis", choices=("theta", "phi"), default="phi",
@@ -51,7 +58,7 @@ def main(argv=None) -> int:
     from vasa_jax.evaluate.face_latent import load_meter
     from vasa_jax.inference import Controls, Pipeline
     from vasa_jax.metrics.motion import angular_error_deg, pearson_r
-    from vasa_jax.metrics.probes import fit_ridge
+    from vasa_jax.metrics.probes import calibrate, fit_ridge
 
     pipe = Pipeline.load(args.model)
     meter = load_meter(args.meter or os.path.join(args.model, "expression_meter"))
@@ -72,22 +79,48 @@ def main(argv=None) -> int:
                                       for k in range(4))
         return np.degrees(z_pose[:, :3]), z_pose, z_dyn, mouth, gaze
 
-    index = load_clip_index(args.data, "test")
-    source = schema.read_records(index.paths)
-    ids = np.unique(np.linspace(0, len(index) - 1, args.clips).round().astype(int))
-    clips = [schema.decode_clip(source[int(i)]) for i in ids]
-    real = []
-    for clip in clips:
-        frames = np.stack([resize_square(f, pipe.image_size) for f in clip.decode_frames()])
-        real.append((frames, read(frames)))
-    # Probes on the real frames' re-read codes: z_dyn -> gaze, z_pose -> distance.
+    def load_clips(split: str, count: int):
+        index = load_clip_index(args.data, split)
+        source = schema.read_records(index.paths)
+        ids = np.unique(np.linspace(0, len(index) - 1, count).round().astype(int))
+        clips = [schema.decode_clip(source[int(i)]) for i in ids]
+        out = []
+        for clip in clips:
+            frames = np.stack([resize_square(f, pipe.image_size) for f in clip.decode_frames()])
+            out.append((frames, read(frames)))
+        return clips, out
+
     def motion(codes):  # [z_pose, z_dyn] [T, 7 + D]
         return np.concatenate([codes[1], codes[2]], axis=1)
 
-    gaze_probe = fit_ridge(np.concatenate([motion(r[1]) for r in real]),
-                           np.concatenate([c.labels["gaze"] for c in clips])).predict
-    dist_probe = fit_ridge(np.concatenate([r[1][1] for r in real]),
-                           np.concatenate([c.labels["distance"].reshape(-1, 1) for c in clips])).predict
+    # Probes on training clips' re-read codes: [z_pose, z_dyn] -> gaze, z_pose -> distance.
+    fit_clips, fit_real = load_clips("train", args.probe_clips)
+    gaze_probe = fit_ridge(np.concatenate([motion(r[1]) for r in fit_real]),
+                           np.concatenate([c.labels["gaze"] for c in fit_clips])).predict
+    dist_probe = fit_ridge(np.concatenate([r[1][1] for r in fit_real]),
+                           np.concatenate([c.labels["distance"].reshape(-1, 1)
+                                           for c in fit_clips])).predict
+    clips, real = load_clips("test", args.clips)
+    # Calibrated on the held-out clips' real frames, per gaze angle (None: the reader does
+    # not follow that angle).
+    gaze_true = np.concatenate([c.labels["gaze"] for c in clips])
+
+    def calibrated_reader(raw: np.ndarray):
+        cals = []
+        for k in range(2):
+            try:
+                cals.append(calibrate(raw[:, k:k + 1], gaze_true[:, k:k + 1]))
+            except ValueError:
+                cals.append(None)
+
+        def apply(x):
+            return np.stack([c.apply(x[:, k:k + 1])[:, 0] if c else np.full(len(x), np.nan)
+                             for k, c in enumerate(cals)], 1)
+        return cals, apply
+
+    probe_cal, probe_read = calibrated_reader(
+        gaze_probe(np.concatenate([motion(r[1]) for r in real])))
+    meter_cal, meter_read = calibrated_reader(np.concatenate([r[1][4] for r in real]))
     gaze_mean = np.concatenate([c.labels["gaze"] for c in clips]).mean(0)
     dist_mean = float(np.concatenate([c.labels["distance"].ravel() for c in clips]).mean())
     dist_std = float(np.concatenate([c.labels["distance"].ravel() for c in clips]).std())
@@ -110,44 +143,51 @@ def main(argv=None) -> int:
     print(f"model {args.model}, {len(clips)} held-out clips of {args.data}; requested gaze "
           f"{want_gaze.round(1).tolist()} deg (data mean + {args.gaze:g} {args.gaze_axis}), distance "
           f"{want_dist:.3f} (data mean {dist_mean:.3f})")
-    meter_gaze = np.concatenate([r[1][4] for r in real])
-    gaze_true = np.concatenate([c.labels["gaze"] for c in clips])
-    print("gaze readers on the real frames, r with the labels (theta, phi): probe "
-          f"{[round(pearson_r(gaze_probe(np.concatenate([motion(r[1]) for r in real]))[:, k], gaze_true[:, k]), 3) for k in range(2)]}, "
-          f"meter {[round(pearson_r(meter_gaze[:, k], gaze_true[:, k]), 3) for k in range(2)]}")
+    for name, cals in (("probe", probe_cal), ("meter", meter_cal)):
+        print(f"gaze {name} on the held-out real frames (theta, phi): " + ", ".join(
+            "n/a" if c is None else f"r {float(c.r[0]):.3f} slope {float(c.slope[0]):.3f}"
+            for c in cals))
+
+    def gaze_cells(readings: list[np.ndarray]) -> str:
+        """Mean calibrated gaze (theta, phi) and its angle to the request."""
+        mean = np.concatenate(readings).mean(0)
+        if not np.all(np.isfinite(mean)):
+            return f"{mean[0]:.1f}, {mean[1]:.1f} | n/a"
+        return f"{mean[0]:.1f}, {mean[1]:.1f} | {float(angular_error_deg(mean, want_gaze)):.2f}"
+
     print("| variant | mouth r | envelope r | dP motion (deg/frame) | dP frames | angle from "
-          "portrait (deg) | gaze read (theta, phi) | gaze error (deg) | meter gaze (theta, phi) "
-          "| meter gaze error (deg) | distance |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "portrait (deg) | gaze of motion (theta, phi) | its error (deg) | gaze read "
+          "(theta, phi) | its error (deg) | meter gaze (theta, phi) | its error (deg) | "
+          "distance |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, controls in variants.items():
-        mouth, truth, envs, dps, offs, gazes, dists, dpm, mgazes = ([] for _ in range(9))
+        mouth, truth, envs, dps, offs, gazes, dists, dpm, mgazes, mogazes = (
+            [] for _ in range(10))
         for clip, (frames, codes) in zip(clips, real):
             if controls is None:
                 angles, z_pose, z_dyn, m, mg = codes
                 decoded = clip.labels["pose"][:, :3]
+                mogazes.append(probe_read(gaze_probe(np.concatenate([z_pose, z_dyn], 1))))
             else:
                 video = pipe.generate(frames[0], clip.audio, controls)
                 angles, z_pose, z_dyn, m, mg = read(video.frames)
                 decoded = np.degrees(video.z_pose[:, :3])
+                mogazes.append(probe_read(gaze_probe(np.concatenate(
+                    [video.z_pose, video.z_dyn], 1))))
             dpm.append(np.abs(np.diff(decoded, axis=0)).sum(1).mean())
             portrait = codes[0][0]  # the real first frame's re-read angles
             mouth.append(m), truth.append(clip.labels["mouth_open"][:len(m)])
             envs.append(frame_rms(clip.audio, len(m)))
             dps.append(np.abs(np.diff(angles, axis=0)).sum(1).mean())
             offs.append(np.linalg.norm(angles - portrait, axis=1).mean())
-            gazes.append(gaze_probe(np.concatenate([z_pose, z_dyn], axis=1)))
-            mgazes.append(mg)
+            gazes.append(probe_read(gaze_probe(np.concatenate([z_pose, z_dyn], axis=1))))
+            mgazes.append(meter_read(mg))
             dists.append(dist_probe(z_pose).mean())
         r_env, _ = correlation_from_envelopes(mouth, envs)
-        gaze = np.concatenate(gazes)
-        gaze_err = angular_error_deg(gaze, np.broadcast_to(want_gaze, gaze.shape)).mean()
-        theta, phi = gaze.mean(0)
-        mgaze = np.concatenate(mgazes)
-        mgaze_err = angular_error_deg(mgaze, np.broadcast_to(want_gaze, mgaze.shape)).mean()
         print(f"| {name} | {pearson_r(np.concatenate(mouth), np.concatenate(truth)):.3f} | "
               f"{r_env:.3f} | {np.mean(dpm):.3f} | {np.mean(dps):.3f} | {np.mean(offs):.2f} | "
-              f"{theta:.1f}, {phi:.1f} | {gaze_err:.2f} | {mgaze[:, 0].mean():.1f}, "
-              f"{mgaze[:, 1].mean():.1f} | {mgaze_err:.2f} | {np.mean(dists):.3f} |")
+              f"{gaze_cells(mogazes)} | {gaze_cells(gazes)} | {gaze_cells(mgazes)} | "
+              f"{np.mean(dists):.3f} |", flush=True)
     return 0
 
 

@@ -278,3 +278,23 @@ def test_classifier_probe_and_accuracy():
     assert probes.accuracy(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([1, 1])) == 0.5
     with pytest.raises(ValueError, match=">= 2 training classes"):
         probes.classifier_probe(x[:10], np.zeros(10), x[:5], np.zeros(5))
+
+
+def test_calibration_undoes_a_probes_shrinkage_toward_the_mean():
+    from vasa_jax.metrics.probes import calibrate, fit_ridge
+
+    rng = np.random.default_rng(0)
+    gaze = rng.normal(0.0, 10.0, size=(2000, 1))  # degrees
+    features = gaze + rng.normal(0.0, 10.0, size=(2000, 4))  # noisy views of it
+    probe = fit_ridge(features[:1000], gaze[:1000])
+    held_out = probe.predict(features[1000:])
+    cal = calibrate(held_out, gaze[1000:])
+    assert 0.6 < float(cal.slope[0]) < 0.9  # a 15-degree offset reads as ~12 uncalibrated
+    # Frames 15 degrees off the mean: raw readings fall short; calibrated ones do not.
+    offset = 15.0 + rng.normal(0.0, 10.0, size=(500, 4))
+    raw = float(probe.predict(offset).mean())
+    read = float(cal.apply(probe.predict(offset)).mean())
+    assert raw < 13.0 and abs(read - 15.0) < 1.5, (raw, read)
+    assert cal.apply(held_out[:, 0]).shape == (1000,)
+    with pytest.raises(ValueError, match="do not follow"):
+        calibrate(-gaze[:100], gaze[:100])  # a reader that turns the wrong way

@@ -160,6 +160,49 @@ def fit_ridge(
 
 
 @dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Reads a regressor's outputs in the units of its target.
+
+    A probe (or any regressor fitted by least squares on noisy inputs) shrinks toward the
+    mean: on data like its calibration set, E[prediction | y] = intercept + slope * y with
+    slope < 1 (regression dilution), so a face whose gaze is 15 degrees off the mean reads
+    as about 15 * slope. `apply` inverts that line, (prediction - intercept) / slope, so
+    that E[reading | y] = y there: an offset reads as itself. Fit it on held-out data
+    (in-sample predictions shrink less than those on new data).
+    """
+
+    intercept: np.ndarray  # [D]
+    slope: np.ndarray  # [D]
+    r: np.ndarray  # [D] Pearson r of predictions and targets on the calibration set
+
+    def apply(self, predictions: np.ndarray) -> np.ndarray:
+        """[N, D] (or [N] for D = 1) -> calibrated readings, the same shape."""
+        p = _as_2d(predictions, "predictions")
+        out = (p - self.intercept) / self.slope
+        return out.reshape(np.shape(predictions))
+
+
+def calibrate(predictions: np.ndarray, targets: np.ndarray,
+              min_slope: float = 0.05) -> Calibration:
+    """The least-squares line of predictions [N, D] on targets [N, D] (per dimension).
+    ValueError where a target is constant or the slope is below min_slope (the regressor
+    does not follow that target: inverting would blow its noise up)."""
+    p, y = _as_2d(predictions, "predictions"), _as_2d(targets, "targets")
+    if p.shape != y.shape or len(p) < 3:
+        raise ValueError(f"calibrate needs >= 3 matching rows, got {p.shape} and {y.shape}")
+    yc, pc = y - y.mean(0), p - p.mean(0)
+    var_y = np.sum(yc * yc, axis=0)
+    if np.any(var_y <= 1e-12 * np.maximum(np.abs(y).max(0), 1.0) ** 2 * len(y)):
+        raise ValueError("calibrate: a target dimension is constant")
+    slope = np.sum(yc * pc, axis=0) / var_y
+    if np.any(slope < min_slope):
+        raise ValueError(f"calibrate: slopes {np.round(slope, 3).tolist()} below {min_slope}: "
+                         "the predictions do not follow the targets")
+    r = np.sum(yc * pc, axis=0) / np.sqrt(var_y * np.maximum(np.sum(pc * pc, axis=0), 1e-300))
+    return Calibration(p.mean(0) - slope * y.mean(0), slope, r)
+
+
+@dataclasses.dataclass(frozen=True)
 class ProbeResult:
     """Held-out R^2 of a regression probe."""
 
