@@ -33,9 +33,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         image_size=64,  # side images are resized to
         channels=(32, 64, 64, 128),  # one 3x3 conv each
-        hidden=128,  # width of the dense layer after the mean pool
+        hidden=128,  # width of the dense layer after the head
         gaze_scale=20.0,  # degrees per output unit of gaze_theta / gaze_phi
-        head="mean",  # "flatten": the final feature map's layout reaches the dense layer
+        head="flatten",  # the final map's layout reaches the dense layer (gaze); "mean": pooled
     ))
     c.data = common.data_stage1("tiny")
     c.data.image_size = c.model.get_ref("image_size")
