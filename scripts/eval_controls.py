@@ -8,18 +8,20 @@ export's own stage-1 encoder (z_pose angles; ridge probes fitted on --probe_clip
 clips' real frames map z_pose to head distance and [z_pose, z_dyn] to the camera-frame
 gaze) and by the expression meter (mouth, and gaze: a reader independent of stage 1).
 Both gaze readers are calibrated on the held-out clips' real frames
-(`vasa_jax.metrics.probes.calibrate`): a regressor shrinks toward the mean, so a face
-looking 15 degrees off reads as ~15 x slope; the calibration inverts that line, so real
-frames read their labels on average. How well each reader follows the labels on the real
-frames (r, slope) is printed first. The probe also reads the generated motion itself,
-before decoding ("gaze of motion").
+(`vasa_jax.metrics.probes.calibrate`) on each angle they follow (r >= 0.5): a regressor
+shrinks toward the mean, so a face looking 15 degrees off reads as ~15 x slope; the
+calibration inverts that line, so real frames read their labels on average. How well each
+reader follows the labels on the real frames (r, slope) is printed first. The probe also
+reads the generated motion itself, before decoding.
 Printed as a markdown table, per variant: mouth r (meter vs the clip's true mouth_open),
 envelope r (meter vs the speech's frame RMS, best lag within +-3), dP of the motion as
 decoded (mean frame-to-frame change of z_pose's yaw/pitch/roll, degrees; for real frames,
 of the pose labels), dP of the frames (the same of the re-read angles: this includes the
-pose net's reading noise), the mean re-read angle away from the portrait's pose, the mean
-re-read gaze (theta, phi) and the angle between it and the gaze request (degrees), the same
-read by the meter, and the mean re-read head distance. The gaze request is the data's mean gaze plus --gaze degrees on
+pose net's reading noise), the mean re-read angle away from the portrait's pose, the gaze
+offset on the requested axis (mean reading less the held-out data's mean: compare with
+--gaze) read three ways (the probe on the generated motion, the probe on the output frames,
+the meter on the output frames), the meter's offset on the other axis, and the mean re-read
+head distance. The gaze request is the data's mean gaze plus --gaze degrees on
 --gaze_axis: phi (horizontal, the default) spans +-22 degrees in SynthTalk, theta
 (vertical) only -12..10, so +15 degrees of theta asks for more than the data shows.
 """
@@ -35,6 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 
+MIN_R = 0.5  # a gaze reader is calibrated on an angle it follows at least this well
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a model export (vasa_jax.inference)")
@@ -46,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--gaze", type=float, default=15.0, help="requested gaze offset (deg)")
     p.add_argument("--gaze_axis", choices=("theta", "phi"), default="phi",
                    help="the gaze angle offset: theta (vertical) or phi (horizontal)")
+    p.add_argument("--gaze_only", action="store_true",
+                   help="only the real frames, the default and the two gaze variants")
     args = p.parse_args(argv)
 
     import jax
@@ -57,7 +64,7 @@ def main(argv=None) -> int:
     from data_pipeline.transforms import resize_square, to_signed_float
     from vasa_jax.evaluate.face_latent import load_meter
     from vasa_jax.inference import Controls, Pipeline
-    from vasa_jax.metrics.motion import angular_error_deg, pearson_r
+    from vasa_jax.metrics.motion import pearson_r
     from vasa_jax.metrics.probes import calibrate, fit_ridge
 
     pipe = Pipeline.load(args.model)
@@ -106,15 +113,18 @@ def main(argv=None) -> int:
     gaze_true = np.concatenate([c.labels["gaze"] for c in clips])
 
     def calibrated_reader(raw: np.ndarray):
+        """Per angle, the calibration when the reader follows it (r >= MIN_R on the real
+        frames), else None: that angle is read raw (inverting a flat line blows noise up)."""
         cals = []
         for k in range(2):
             try:
-                cals.append(calibrate(raw[:, k:k + 1], gaze_true[:, k:k + 1]))
+                cal = calibrate(raw[:, k:k + 1], gaze_true[:, k:k + 1])
             except ValueError:
-                cals.append(None)
+                cal = None
+            cals.append(cal if cal is not None and float(cal.r[0]) >= MIN_R else None)
 
         def apply(x):
-            return np.stack([c.apply(x[:, k:k + 1])[:, 0] if c else np.full(len(x), np.nan)
+            return np.stack([c.apply(x[:, k:k + 1])[:, 0] if c else x[:, k]
                              for k, c in enumerate(cals)], 1)
         return cals, apply
 
@@ -134,32 +144,40 @@ def main(argv=None) -> int:
         "head still": Controls(head="still"),
         "head amplitude 0.5": Controls(head_amplitude=0.5),
         "lip only": Controls(lip_only=True),
-        f"gaze {args.gaze_axis} +{args.gaze:g} deg, l_g = 1": Controls(gaze=tuple(want_gaze),
+        f"gaze {args.gaze_axis} {args.gaze:+g} deg, l_g = 1": Controls(gaze=tuple(want_gaze),
                                                   guidance={"audio": 0.5, "gaze": 1.0}),
-        f"gaze {args.gaze_axis} +{args.gaze:g} deg, l_g = 0": Controls(gaze=tuple(want_gaze),
+        f"gaze {args.gaze_axis} {args.gaze:+g} deg, l_g = 0": Controls(gaze=tuple(want_gaze),
                                                   guidance={"audio": 0.5, "gaze": 0.0}),
         "distance mean + 2 std": Controls(distance=want_dist),
     }
+    if args.gaze_only:
+        variants = {k: v for k, v in variants.items()
+                    if v is None or k == "default" or k.startswith("gaze")}
     print(f"model {args.model}, {len(clips)} held-out clips of {args.data}; requested gaze "
-          f"{want_gaze.round(1).tolist()} deg (data mean + {args.gaze:g} {args.gaze_axis}), distance "
+          f"{want_gaze.round(1).tolist()} deg (data mean {args.gaze:+g} {args.gaze_axis}), distance "
           f"{want_dist:.3f} (data mean {dist_mean:.3f})")
-    for name, cals in (("probe", probe_cal), ("meter", meter_cal)):
-        print(f"gaze {name} on the held-out real frames (theta, phi): " + ", ".join(
-            "n/a" if c is None else f"r {float(c.r[0]):.3f} slope {float(c.slope[0]):.3f}"
-            for c in cals))
+    for name, raw in (("probe", gaze_probe(np.concatenate([motion(r[1]) for r in real]))),
+                      ("meter", np.concatenate([r[1][4] for r in real]))):
+        print(f"gaze {name} on the held-out real frames, (theta, phi): r " + ", ".join(
+            f"{pearson_r(raw[:, k], gaze_true[:, k]):.3f}" for k in range(2))
+            + "; calibrated: " + ", ".join(
+                "no (r < %.1f)" % MIN_R if c is None else f"slope {float(c.slope[0]):.3f}"
+                for c in (probe_cal if name == "probe" else meter_cal)))
+    axis = 0 if args.gaze_axis == "theta" else 1
+    other = 1 - axis
 
-    def gaze_cells(readings: list[np.ndarray]) -> str:
-        """Mean calibrated gaze (theta, phi) and its angle to the request."""
-        mean = np.concatenate(readings).mean(0)
-        if not np.all(np.isfinite(mean)):
-            return f"{mean[0]:.1f}, {mean[1]:.1f} | n/a"
-        return f"{mean[0]:.1f}, {mean[1]:.1f} | {float(angular_error_deg(mean, want_gaze)):.2f}"
+    def offset_cell(readings: list[np.ndarray]) -> str:
+        """The mean reading's offset from the data mean on the requested axis (deg)."""
+        return f"{np.concatenate(readings)[:, axis].mean() - gaze_mean[axis]:+.1f}"
 
+    print(f"gaze offsets on {args.gaze_axis} from the held-out data mean "
+          f"({gaze_mean[axis]:.1f} deg), asked {args.gaze:+g}: read by the probe from the "
+          "generated motion, by the probe from the output frames (re-encoded by stage 1), "
+          f"by the meter from the frames; and the meter's {('theta', 'phi')[other]} offset")
     print("| variant | mouth r | envelope r | dP motion (deg/frame) | dP frames | angle from "
-          "portrait (deg) | gaze of motion (theta, phi) | its error (deg) | gaze read "
-          "(theta, phi) | its error (deg) | meter gaze (theta, phi) | its error (deg) | "
-          "distance |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"portrait (deg) | {args.gaze_axis} offset: motion (probe) | frames (probe) | "
+          f"frames (meter) | {('theta', 'phi')[other]} offset (meter) | distance |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, controls in variants.items():
         mouth, truth, envs, dps, offs, gazes, dists, dpm, mgazes, mogazes = (
             [] for _ in range(10))
@@ -186,7 +204,8 @@ def main(argv=None) -> int:
         r_env, _ = correlation_from_envelopes(mouth, envs)
         print(f"| {name} | {pearson_r(np.concatenate(mouth), np.concatenate(truth)):.3f} | "
               f"{r_env:.3f} | {np.mean(dpm):.3f} | {np.mean(dps):.3f} | {np.mean(offs):.2f} | "
-              f"{gaze_cells(mogazes)} | {gaze_cells(gazes)} | {gaze_cells(mgazes)} | "
+              f"{offset_cell(mogazes)} | {offset_cell(gazes)} | {offset_cell(mgazes)} | "
+              f"{np.concatenate(mgazes)[:, other].mean() - gaze_mean[other]:+.1f} | "
               f"{np.mean(dists):.3f} |", flush=True)
     return 0
 
