@@ -40,6 +40,10 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.mlp_ratio = 4.0
     m.dropout = 0.1
     m.embed_dim = pick(64, 256)
+    # How each tower's frames become one vector: "flatten" keeps every frame in place (the
+    # projection sees when things happen: what a frame-shift test asks), "mean" averages
+    # them (what happens over the window, whenever it happens).
+    m.pool = "flatten"
     m.audio_encoder = ml_collections.ConfigDict(
         dict(kind="conv", hidden=pick(128, 256), layers=2, kernel_size=3))
     return m
@@ -104,6 +108,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
               f"model.{name} must be >= 1, got {m[name]}")
     check(m.width % m.heads == 0, f"model.width={m.width} must be divisible by model.heads="
           f"{m.heads}")
+    common.check_choice(m.pool, ("mean", "flatten"), "model.pool")
     check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     a = m.audio_encoder
     common.check_choice(a.kind, ("conv", "mlp"), "model.audio_encoder.kind")

@@ -5,10 +5,11 @@ whether a head-pose sequence and an audio clip belong together:
 
     pose  [B, W, P]  (normalised yaw, pitch, roll ...)  -> [pose, pose velocity] per frame
          -> Dense(2P -> width) + learned positions -> `pose_layers` (6) transformer blocks
-         -> LayerNorm -> mean over frames -> Dense(width -> embed_dim) -> unit vector
+         -> LayerNorm -> pool (model.pool: "flatten" [B, W * width], the frames in place,
+            or "mean" over frames [B, width]) -> Dense(-> embed_dim) -> unit vector
     audio [B, W, Da] (normalised per-frame mel or Wav2Vec2 features)
          -> motion_dit.AudioEncoder (a residual 1-D conv stack) + learned positions
-         -> `audio_layers` transformer blocks -> LayerNorm -> mean -> Dense -> unit vector
+         -> `audio_layers` transformer blocks -> LayerNorm -> pool -> Dense -> unit vector
 
 CAPP score = the cosine similarity of the two unit vectors (VASA-1 reports 0.588 on real
 VoxCeleb2 video; its frame-shift sanity curve is 0.608, 0.462, 0.206, 0.069, 0.082 for
@@ -38,6 +39,7 @@ from data_pipeline.transforms import MOTION_DIM_NAMES
 from vasa_jax.models.motion_dit import AudioEncoder, Block, Dense, LayerNorm, param
 
 MAX_LOGIT_SCALE = 100.0
+POOLS = ("mean", "flatten")
 
 
 def _positions(length: int, width: int, rngs: nnx.Rngs) -> nnx.Param:
@@ -45,13 +47,17 @@ def _positions(length: int, width: int, rngs: nnx.Rngs) -> nnx.Param:
                  jnp.float32)
 
 
-def _pool_project(blocks, norm, proj, h: jax.Array, rng: jax.Array | None) -> jax.Array:
-    """Transformer blocks, LayerNorm, mean over time, projection, unit norm: [B, W, width]
-    -> [B, embed_dim]."""
+def _pool_project(blocks, norm, proj, h: jax.Array, rng: jax.Array | None,
+                  pool: str) -> jax.Array:
+    """Transformer blocks, LayerNorm, pooling over time, projection, unit norm: [B, W, width]
+    -> [B, embed_dim]. pool "mean": the mean over frames [B, width] (what happens, not
+    when); "flatten": every frame in place [B, W * width], so the projection can weigh each
+    moment and two embeddings' dot product can depend on how the sequences line up."""
     rngs = [None] * len(blocks) if rng is None else list(jax.random.split(rng, len(blocks)))
     for block, r in zip(blocks, rngs):
         h = block(h, r)
-    z = proj(jnp.mean(norm(h).astype(jnp.float32), axis=1))
+    h = norm(h).astype(jnp.float32)
+    z = proj(h.reshape(h.shape[0], -1) if pool == "flatten" else jnp.mean(h, axis=1))
     return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-6)
 
 
@@ -82,12 +88,17 @@ class CAPP(nnx.Module):
         self.pose_pos = _positions(self.window, w, rngs)
         self.pose_blocks = nnx.List([block() for _ in range(int(cfg.pose_layers))])
         self.pose_norm = LayerNorm(w, **kw)
-        self.pose_proj = Dense(w, int(cfg.embed_dim), names=("embed", None), rngs=rngs, **kw)
+        self.pool = str(cfg.get("pool", "mean"))  # runs saved before the field pooled by mean
+        if self.pool not in POOLS:
+            raise ValueError(f"CAPP pool must be one of {POOLS}, got {self.pool!r}")
+        fan_in = w * self.window if self.pool == "flatten" else w
+        self.pose_proj = Dense(fan_in, int(cfg.embed_dim), names=("embed", None), rngs=rngs, **kw)
         self.audio_in = AudioEncoder(cfg.audio_encoder, audio_dim, w, rngs=rngs, **kw)
         self.audio_pos = _positions(self.window, w, rngs)
         self.audio_blocks = nnx.List([block() for _ in range(int(cfg.audio_layers))])
         self.audio_norm = LayerNorm(w, **kw)
-        self.audio_proj = Dense(w, int(cfg.embed_dim), names=("embed", None), rngs=rngs, **kw)
+        self.audio_proj = Dense(fan_in, int(cfg.embed_dim), names=("embed", None), rngs=rngs,
+                                **kw)
         self.logit_scale = nnx.Param(jnp.asarray(math.log(1.0 / 0.07), jnp.float32))
 
     def _check(self, x: jax.Array, dim: int, name: str) -> None:
@@ -98,13 +109,14 @@ class CAPP(nnx.Module):
         """Normalised pose [B, W, P] -> unit embeddings [B, E]."""
         self._check(pose, self.pose_dim, "pose")
         h = self.pose_in(pose_features(pose.astype(jnp.float32))) + self.pose_pos[...]
-        return _pool_project(self.pose_blocks, self.pose_norm, self.pose_proj, h, rng)
+        return _pool_project(self.pose_blocks, self.pose_norm, self.pose_proj, h, rng, self.pool)
 
     def encode_audio(self, audio: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """Normalised audio features [B, W, Da] -> unit embeddings [B, E]."""
         self._check(audio, self.audio_dim, "audio")
         h = self.audio_in(audio.astype(jnp.float32)) + self.audio_pos[...]
-        return _pool_project(self.audio_blocks, self.audio_norm, self.audio_proj, h, rng)
+        return _pool_project(self.audio_blocks, self.audio_norm, self.audio_proj, h, rng,
+                             self.pool)
 
     def __call__(self, pose: jax.Array, audio: jax.Array, rng: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array]:
