@@ -2,6 +2,7 @@
 
     python -m vasa_jax.bench.scaling --config configs/motion_dit.py:size=tiny \
         --data data/synthtalk --devices 1,2,4,8 --per_device_batch 2 --steps 20 \
+        --set optim.warmup_steps=1 \
         [--set mesh.axes='(("data",-1),("fsdp",1),("tensor",1))'] [--out scaling.json]
 
 For each device count N, one `train.py` run in a fresh temporary workdir, in its own
