@@ -42,7 +42,8 @@ def test_the_loop_runs_the_evals_and_logs_their_numbers(tmp_path):
     c = configs.load("configs/capp.py:size=tiny", data__path=data, data__batch_size=8,
                      data__audio__n_mels=16, train__total_steps=4, train__log_every=2,
                      train__checkpoint_every=0, train__eval_every=2, optim__warmup_steps=1,
-                     evals__shift__max_shift=1)
+                     evals__shift__max_shift=1, loss__shift_negatives=(-2, 2),
+                     data__window=79)  # 85-frame clips: a 75-frame window + 2 x 2
     with c.unlocked():
         c.model = small_model_config(75)
     workdir = str(tmp_path / "run")
