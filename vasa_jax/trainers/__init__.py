@@ -8,7 +8,7 @@
     face_pose, face_id, expression_meter
                  the helper networks (stage 1's pre-trained pose net, l_cross-id's embedder,
                  the evaluators' expression meter): each run ends with a params-only export
-                 in its workdir (loop.export_finished_run)
+                 in its workdir (loop.train_and_export)
 
 Stage modules are imported by name (train.py's TRAINERS registry), not here: importing the
 package must not pull in every model.

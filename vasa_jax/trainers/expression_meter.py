@@ -25,7 +25,6 @@ Logged: loss/total, grad_norm, lr.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import grain
@@ -170,11 +169,9 @@ def export(workdir: str, result: loop.TrainResult, seconds: float) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        compiler_options=None) -> loop.TrainResult:
     """Trains the meter in `workdir` (resuming from its latest checkpoint, if any); a
-    finished run ends with its held-out metrics and export (loop.export_finished_run)."""
-    loop.check_export_folder(workdir, em.CONFIG_FILE)
-    start = time.perf_counter()
-    result = loop.train(config, workdir, make_stage, compiler_options=compiler_options)
-    loop.export_finished_run(
-        workdir, em.CONFIG_FILE, em.PARAMS_DIR, result, config.train.total_steps,
-        lambda: export(workdir, result, time.perf_counter() - start))
-    return result
+    finished run ends with its held-out metrics and export (loop.train_and_export)."""
+    return loop.train_and_export(
+        config, workdir, make_stage,
+        meta_file=em.CONFIG_FILE, params_dir=em.PARAMS_DIR,
+        export=lambda result, seconds: export(workdir, result, seconds),
+        compiler_options=compiler_options)

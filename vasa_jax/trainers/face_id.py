@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import time
 from typing import Any
 
 import grain
@@ -159,11 +158,9 @@ def export(workdir: str, result: loop.TrainResult, seconds: float) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        compiler_options=None) -> loop.TrainResult:
     """Trains the face-ID net in `workdir` (resuming from its latest checkpoint, if any); a
-    finished run ends with its held-out metrics and export (loop.export_finished_run)."""
-    loop.check_export_folder(workdir, face_id.CONFIG_FILE)
-    start = time.perf_counter()
-    result = loop.train(config, workdir, make_stage, compiler_options=compiler_options)
-    loop.export_finished_run(
-        workdir, face_id.CONFIG_FILE, face_id.PARAMS_DIR, result, config.train.total_steps,
-        lambda: export(workdir, result, time.perf_counter() - start))
-    return result
+    finished run ends with its held-out metrics and export (loop.train_and_export)."""
+    return loop.train_and_export(
+        config, workdir, make_stage,
+        meta_file=face_id.CONFIG_FILE, params_dir=face_id.PARAMS_DIR,
+        export=lambda result, seconds: export(workdir, result, seconds),
+        compiler_options=compiler_options)

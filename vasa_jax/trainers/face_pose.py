@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any
 
 import grain
@@ -192,11 +191,9 @@ def export(config: ml_collections.ConfigDict, workdir: str, result: loop.TrainRe
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        compiler_options=None) -> loop.TrainResult:
     """Trains the pose net in `workdir` (resuming from its latest checkpoint, if any); a
-    finished run ends with its held-out metrics and export (loop.export_finished_run)."""
-    loop.check_export_folder(workdir, face_pose.CONFIG_FILE)
-    start = time.perf_counter()
-    result = loop.train(config, workdir, make_stage, compiler_options=compiler_options)
-    loop.export_finished_run(
-        workdir, face_pose.CONFIG_FILE, face_pose.PARAMS_DIR, result, config.train.total_steps,
-        lambda: export(config, workdir, result, time.perf_counter() - start))
-    return result
+    finished run ends with its held-out metrics and export (loop.train_and_export)."""
+    return loop.train_and_export(
+        config, workdir, make_stage,
+        meta_file=face_pose.CONFIG_FILE, params_dir=face_pose.PARAMS_DIR,
+        export=lambda result, seconds: export(config, workdir, result, seconds),
+        compiler_options=compiler_options)

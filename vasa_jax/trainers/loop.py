@@ -660,41 +660,43 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 # is what every consumer is given.
 
 
-def check_export_folder(workdir: str, meta_file: str) -> None:
-    """Raises if `workdir` holds an export (`meta_file`) without a run (no checkpoints): an
-    export made elsewhere, which this run would overwrite."""
-    if (os.path.exists(os.path.join(workdir, meta_file))
-            and not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))):
+def train_and_export(config: ml_collections.ConfigDict, workdir: str,
+                     make_stage: Callable[[ml_collections.ConfigDict], Stage], *,
+                     meta_file: str, params_dir: str,
+                     export: Callable[[TrainResult, float], None],
+                     compiler_options=None) -> TrainResult:
+    """`train` for a network whose consumers read a params-only export (the helper nets):
+    trains in `workdir`, then, once the run is finished (result.step >= total steps, not
+    stopped early), calls export(result, seconds since the start) to write params_dir +
+    meta_file into `workdir`, first removing an older export unless its meta_file records
+    this step ("train": {"steps": ...}): a finished run re-run exports nothing, one extended
+    to more steps exports again. The meta file goes last: its presence marks a complete
+    export. FileExistsError up front when `workdir` holds an export but no run (one made
+    elsewhere, which this run would overwrite). Single-process runs only export (with
+    several processes a warning says to re-run the command on one: it finds the run
+    finished and exports)."""
+    meta_path = os.path.join(workdir, meta_file)
+    if os.path.exists(meta_path) and not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
         raise FileExistsError(f"{workdir!r} holds an export ({meta_file}) but no run "
                               f"({CHECKPOINT_DIR}/): train into a new --workdir")
-
-
-def export_finished_run(workdir: str, meta_file: str, params_dir: str, result: TrainResult,
-                        total_steps: int, write: Callable[[], None]) -> bool:
-    """Calls `write()` to write the export of a finished run (result.step >= total_steps)
-    into `workdir` (params_dir + meta_file), first removing an older export unless its
-    meta_file records this step ("train": {"steps": ...}): a finished run re-run exports
-    nothing, one extended to more steps exports again. The meta file goes last: its
-    presence marks a complete export. Single-process runs only (with several processes a
-    warning says to re-run the command on one: it finds the run finished and exports).
-    Returns whether it wrote."""
-    if result.step < total_steps or result.stopped_early:
-        return False
+    start = time.perf_counter()
+    result = train(config, workdir, make_stage, compiler_options=compiler_options)
+    if result.step < config.train.total_steps or result.stopped_early:
+        return result
     if jax.process_count() > 1:
         logging.warning("the params-only export is written by single-process runs: run the "
                         "same command again in one process (it resumes the finished run and "
                         "exports it)")
-        return False
-    meta_path = os.path.join(workdir, meta_file)
+        return result
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             if json.load(f).get("train", {}).get("steps") == result.step:
                 logging.info("%s already exports step %d", workdir, result.step)
-                return False
+                return result
         os.remove(meta_path)
     shutil.rmtree(os.path.join(workdir, params_dir), ignore_errors=True)
-    write()
-    return True
+    export(result, time.perf_counter() - start)
+    return result
 
 
 def logged_history(workdir: str, keys: Mapping[str, str], last_step: int) -> list[dict]:
