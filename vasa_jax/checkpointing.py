@@ -326,6 +326,18 @@ def _like(target: Any, restored: dict) -> Any:
     return restored
 
 
+def export_module(path: str, module: nnx.Module, params_dir: str, meta_file: str,
+                  meta: Mapping[str, Any]) -> None:
+    """A small network's export: PATH/params_dir (`export_params` of the module's
+    nnx.Params; FileExistsError if present: never overwritten) and PATH/meta_file (JSON
+    `meta`: its architecture and training record), written last, so its presence marks a
+    complete export."""
+    os.makedirs(path, exist_ok=True)
+    export_params(os.path.join(path, params_dir), nnx.state(module, nnx.Param))
+    with open(os.path.join(path, meta_file), "w") as f:
+        json.dump(dict(meta), f, indent=2, sort_keys=True)
+
+
 def export_params(path: str | os.PathLike, params: Any, *, dtype: Any = None) -> None:
     """Writes a params-only checkpoint (synchronously) for inference.
 

@@ -191,18 +191,12 @@ class ExpressionMeter:
 
 def save_expression_meter(path: str, net: ExpressionMeterNet, config: ExpressionMeterConfig,
                           extra: dict | None = None) -> None:
-    """Writes PATH/params (export_params) and PATH/expression_meter.json ({"model": config,
-    ...extra})."""
-    from vasa_jax.checkpointing import export_params  # orbax stays out of plain imports
+    """Writes PATH/params and PATH/expression_meter.json ({"model": config, ...extra}):
+    checkpointing.export_module."""
+    from vasa_jax.checkpointing import export_module  # orbax stays out of plain imports
 
-    params_path = os.path.join(path, PARAMS_DIR)
-    if os.path.exists(params_path):
-        raise FileExistsError(f"{params_path} exists; expression-meter exports are never "
-                              "overwritten")
-    os.makedirs(path, exist_ok=True)
-    export_params(params_path, nnx.state(net, nnx.Param))
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump({"model": config.to_json(), **(extra or {})}, f, indent=2, sort_keys=True)
+    export_module(path, net, PARAMS_DIR, CONFIG_FILE,
+                  {"model": config.to_json(), **(extra or {})})
 
 
 def load_expression_meter_net(path: str

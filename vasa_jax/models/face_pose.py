@@ -227,15 +227,10 @@ def save_pose_params(path: str, pose_net: nnx.Module, model_cfg: ml_collections.
                      extra: dict | None = None) -> None:
     """Writes PATH/params (the pose net's nnx.Params, export_params) and PATH/face_pose.json
     ({"arch": the model config's pose-net fields, ...extra}): what `load_pose_params` reads."""
-    from vasa_jax.checkpointing import export_params  # orbax stays out of plain imports
+    from vasa_jax.checkpointing import export_module  # orbax stays out of plain imports
 
-    params_path = os.path.join(path, PARAMS_DIR)
-    if os.path.exists(params_path):
-        raise FileExistsError(f"{params_path} exists; pose-net exports are never overwritten")
-    os.makedirs(path, exist_ok=True)
-    export_params(params_path, nnx.state(pose_net, nnx.Param))
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump({"arch": _arch(model_cfg), **(extra or {})}, f, indent=2, sort_keys=True)
+    export_module(path, pose_net, PARAMS_DIR, CONFIG_FILE,
+                  {"arch": _arch(model_cfg), **(extra or {})})
 
 
 def load_pose_params(path: str, model_cfg: ml_collections.ConfigDict) -> nnx.State:

@@ -33,7 +33,6 @@ from absl import logging
 from flax import nnx
 
 from data_pipeline import stats as stats_lib
-from configs.capp import shift_margin
 from data_pipeline.loaders import stage2_dataset
 from vasa_jax import optim
 from vasa_jax.models import capp
@@ -68,12 +67,11 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str | None = None) ->
                  list(config.model.pose_dims), config.data.audio_source, audio_dim, count / 1e6)
 
     window, shifts = int(config.model.window), tuple(int(s) for s in config.loss.shift_negatives)
-    margin = shift_margin(shifts)
 
     def train_step(ts: TrainState, batch, rng, frozen):
         motion = jnp.asarray(batch["motion"])[..., jnp.asarray(columns)]  # [B, W + 2M, P]
         pose, audio = capp.normalized_inputs(motion, batch["audio"], frozen, columns)
-        pose = pose[:, margin:margin + window]  # [B, W, P]: the centre window
+        pose, _ = capp.shifted_windows(pose, window, shifts)  # [B, W, P]: the centre window
         audio, shifted = capp.shifted_windows(audio, window, shifts)  # [B, W, Da], [B, S, W, Da]
         graphdef, params, rest = nnx.split(ts.model, nnx.Param, ...)
 
