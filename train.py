@@ -41,6 +41,7 @@ TRAINERS = {
     "face_pose": "vasa_jax.trainers.face_pose:train_and_evaluate",
     "face_id": "vasa_jax.trainers.face_id:train_and_evaluate",
     "expression_meter": "vasa_jax.trainers.expression_meter:train_and_evaluate",
+    "syncnet": "vasa_jax.trainers.syncnet:train_and_evaluate",
 }
 NOT_BUILT: dict[str, str] = {}
 

@@ -106,6 +106,41 @@ def _fill(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out.reshape((len(valid),) + values.shape[1:]).astype(np.float32)
 
 
+def track_faces(frames: np.ndarray, analyzer, analysis_size: int, name: str
+                ) -> tuple[np.ndarray, list]:
+    """(frames upscaled (bicubic) so their short side is at least analysis_size, the face
+    track over them: `preprocess.track`'s observations, None where no face). ValueError
+    naming `name` when fewer than MIN_FACE_SHARE of the frames show a face."""
+    from data_pipeline import preprocess
+
+    h, w = frames.shape[1:3]
+    if min(h, w) < analysis_size:
+        k = analysis_size / min(h, w)
+        size = (int(round(w * k)), int(round(h * k)))
+        frames = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_CUBIC) for f in frames])
+    obs = preprocess.track(frames, analyzer)
+    share = float(np.mean([o is not None for o in obs]))
+    if share < MIN_FACE_SHARE:
+        raise ValueError(f"{name!r}: a face in only {100 * share:.0f}% of its {len(obs)} frames")
+    return frames, obs
+
+
+def sync_face_crops(frames: np.ndarray, obs: Sequence, fps: float) -> np.ndarray:
+    """SyncNet's input crops of a tracked video (`track_faces`' frames and observations):
+    uint8 [T', 224, 224, 3] at 25 fps (`syncnet.syncnet_crops` around each frame's face-mesh
+    box, which stands in for syncnet_python's S3FD box; frames without a face take
+    interpolated boxes)."""
+    from vasa_jax.models import syncnet
+
+    valid = np.array([o is not None for o in obs])
+    mesh = np.stack([o.landmarks.mesh[:, :2] for o in obs if o is not None])
+    boxes = np.zeros((len(obs), 4), np.float32)
+    boxes[valid] = np.concatenate([mesh.min(1), mesh.max(1)], axis=1)
+    boxes = _fill(boxes, valid)
+    keep = syncnet.frames_at_25fps(len(frames), fps)
+    return syncnet.syncnet_crops(frames[keep], boxes[keep])
+
+
 def analyze_video(path: str, analyzer, *, analysis_size: int = 256, audio_dir: str | None = None,
                   keep_crops: int = 0, sync_crops: bool = False,
                   fvd_clips: bool = False) -> VideoLabels:
@@ -134,16 +169,9 @@ def analyze_video(path: str, analyzer, *, analysis_size: int = 256, audio_dir: s
         from vasa_jax.models import syncnet
 
         clips = fvd.video_clips(frames[syncnet.frames_at_25fps(len(frames), fps)])
-    h, w = frames.shape[1:3]
-    if min(h, w) < analysis_size:
-        k = analysis_size / min(h, w)
-        size = (int(round(w * k)), int(round(h * k)))
-        frames = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_CUBIC) for f in frames])
-    obs = preprocess.track(frames, analyzer)
+    frames, obs = track_faces(frames, analyzer, analysis_size, path)
     valid = np.array([o is not None for o in obs])
     share = float(valid.mean())
-    if share < MIN_FACE_SHARE:
-        raise ValueError(f"{path!r}: a face in only {100 * share:.0f}% of its {len(obs)} frames")
     kept = [o for o in obs if o is not None]
     crop = preprocess.clip_crop(kept)
     labels, _ = preprocess.clip_labels(kept, crop, analysis_size)
@@ -160,14 +188,7 @@ def analyze_video(path: str, analyzer, *, analysis_size: int = 256, audio_dir: s
     if keep_crops:
         crops = np.stack([fa.warp_crop(f, crop[:2], crop[2], 0.0, keep_crops)[0]
                           for f in frames])
-    synced = None
-    if sync_crops:
-        from vasa_jax.models import syncnet
-
-        # The mesh's bounding box stands in for syncnet_python's S3FD face box.
-        boxes = full(np.concatenate([mesh.min(1), mesh.max(1)], axis=1))
-        keep = syncnet.frames_at_25fps(len(frames), fps)
-        synced = syncnet.syncnet_crops(frames[keep], boxes[keep])
+    synced = sync_face_crops(frames, obs, fps) if sync_crops else None
     return VideoLabels(
         name=name, fps=float(fps), pose=full(labels["pose"][:, :3]),
         mouth=full(labels["mouth_open"]), blink=full(labels["blink"]), landmarks=full(mesh),

@@ -48,7 +48,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import cv2
 import jax
@@ -123,8 +123,15 @@ def max_pool(x: jax.Array, window: Sequence[int], stride: Sequence[int],
 
 
 class BatchNorm(nnx.Module):
-    """Inference-mode batch norm over the last axis: (x - mean) / sqrt(var + eps) * scale +
-    bias. scale, bias: Params [C]; mean, var: BatchStats [C] (loaded, never updated)."""
+    """Batch norm over the last axis: (x - mean) / sqrt(var + eps) * scale + bias.
+    scale, bias: Params [C]; mean, var: BatchStats [C].
+
+    Inference mode (use_running_average True, the default, how the scorer runs): the stored
+    mean and var. Training mode (`model.train()`, vasa_jax.trainers.syncnet): the batch's
+    own mean and var over every axis but the last, sown as nnx.Intermediate "moments" so
+    that `population_statistics` can set the stored ones after training; the stored ones are
+    never updated in place (the train step stays a pure function of the Params).
+    """
 
     def __init__(self, channels: int):
         self.scale = make_param(None, nnx.initializers.ones_init(), (channels,), ("conv_out",),
@@ -133,10 +140,18 @@ class BatchNorm(nnx.Module):
                                jnp.float32)
         self.mean = nnx.BatchStat(jnp.zeros((channels,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((channels,), jnp.float32))
+        self.use_running_average = True
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        inv = jax.lax.rsqrt(self.var[...] + BN_EPS) * self.scale[...]
-        return (x - self.mean[...]) * inv + self.bias[...]
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = x.mean(axes)
+            var = jnp.square(x - mean).mean(axes)
+            self.sow(nnx.Intermediate, "moments", jnp.stack([mean, var]))
+        inv = jax.lax.rsqrt(var + BN_EPS) * self.scale[...]
+        return (x - mean) * inv + self.bias[...]
 
 
 class ConvBN(nnx.Module):
@@ -218,6 +233,44 @@ class SyncNet(nnx.Module):
         return self.lip(frames.astype(jnp.float32))
 
 
+def population_statistics(model: SyncNet, batches) -> SyncNet:
+    """Sets every BatchNorm's stored mean and var to the statistics of its input over
+    `batches` ("precise BN": the training-mode net normalises with batch statistics and
+    stores none), and returns the model in inference mode.
+
+    batches: iterable of (lips [B, 5, 224, 224, 3] float BGR 0..255, mfcc [B', 13, 20]).
+    Per channel: mean = the average of the batch means, var = the average of the batch
+    (var + mean^2) minus mean^2 (each layer's input computed with the batch statistics of
+    the layers before it, as in training).
+    """
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def moments(state, lips, mfcc):
+        m = nnx.merge(graphdef, state)
+        m.train()
+        m.lip_features(lips)
+        m.audio_features(mfcc)
+        sown = nnx.pop(m, nnx.Intermediate)
+        return {path[:-1]: jnp.stack([v[0][0], v[0][1] + jnp.square(v[0][0])])
+                for path, v in nnx.to_flat_state(sown)}  # [2, C]: E[x], E[x^2]
+
+    total, count = None, 0
+    for lips, mfcc in batches:
+        m = moments(state, jnp.asarray(lips, jnp.float32), jnp.asarray(mfcc, jnp.float32))
+        total = m if total is None else jax.tree.map(jnp.add, total, m)
+        count += 1
+    if not count:
+        raise ValueError("population_statistics needs at least one batch")
+    model.eval()
+    for path, module in model.iter_modules():
+        if isinstance(module, BatchNorm):
+            mean, square = np.asarray(total[tuple(path)]) / count
+            module.mean[...] = jnp.asarray(mean, jnp.float32)
+            module.var[...] = jnp.asarray(np.maximum(square - mean ** 2, 0.0), jnp.float32)
+    return model
+
+
 # ----------------------------------------------------------------------------- weights
 
 
@@ -292,19 +345,28 @@ def read_torch_weights(path: str) -> dict[str, np.ndarray]:
 def convert(weights: str, out: str) -> dict:
     """Writes OUT/params (export_params of the converted weights) and OUT/syncnet.json.
     Returns the params (pure dict). The output folder must not hold an export yet."""
+    params = params_from_torch(read_torch_weights(weights))
+    save_syncnet(out, params, {"source": os.path.basename(weights)})
+    return params
+
+
+def save_syncnet(out: str, weights: Any, meta: Mapping[str, Any]) -> None:
+    """Writes OUT/params (every weight and batch-norm statistic: the pure dict of
+    `nnx.state(SyncNet)`, or that state) and OUT/syncnet.json ({"embed_dim", **meta}), last:
+    what `load_syncnet(OUT)` reads. FileExistsError if OUT holds an export already."""
     from vasa_jax.checkpointing import export_params  # orbax stays out of plain imports
 
-    params = params_from_torch(read_torch_weights(weights))
     params_path = os.path.join(out, PARAMS_DIR)
     if os.path.exists(params_path):
-        raise FileExistsError(f"--out {out!r} already holds {PARAMS_DIR}/; exports are never "
+        raise FileExistsError(f"{out!r} already holds {PARAMS_DIR}/; exports are never "
                               "overwritten")
     os.makedirs(out, exist_ok=True)
-    export_params(os.path.abspath(params_path), params)
+    if isinstance(weights, nnx.State):
+        weights = nnx.to_pure_dict(weights)
+    export_params(os.path.abspath(params_path), weights)
+    embed_dim = int(np.shape(weights["audio"]["fc2"]["bias"])[0])
     with open(os.path.join(out, CONFIG_FILE), "w") as f:
-        json.dump({"embed_dim": int(params["audio"]["fc2"]["bias"].shape[0]),
-                   "source": os.path.basename(weights)}, f, indent=2)
-    return params
+        json.dump({"embed_dim": embed_dim, **meta}, f, indent=2)
 
 
 def load_syncnet(path: str) -> SyncNet:
@@ -450,6 +512,20 @@ def sync_scores(mean_distances: np.ndarray, vshift: int = VSHIFT) -> dict[str, f
     return {"SD": float(d[j]), "Sc": median - float(d[j]), "offset": float(vshift - j)}
 
 
+def window_count(num_frames: int, num_samples: int) -> int:
+    """Frames t with a lip window (t..t+4) and an audio window, syncnet_python's count:
+    min(frames, samples / 640) - 5 (it stops one window short of the last)."""
+    return min(num_frames, num_samples // SAMPLES_PER_FRAME) - LIP_FRAMES
+
+
+def mfcc_windows(audio: np.ndarray, count: int) -> np.ndarray:
+    """The audio stream's inputs for frames 0..count-1: float32 [count, 13, 20], window t =
+    MFCC steps 4t .. 4t + 19 of the whole waveform's `mfcc` (float [S] at 16 kHz)."""
+    cep = mfcc(to_pcm16(audio)).T  # [13, steps]
+    steps = np.arange(count)[:, None] * MFCC_PER_FRAME + np.arange(MFCC_WINDOW)[None]
+    return cep[:, steps].transpose(1, 0, 2).astype(np.float32)
+
+
 class SyncNetScorer:
     """Sc / SD of face-crop videos with their audio, on a converted SyncNet.
 
@@ -483,13 +559,20 @@ class SyncNetScorer:
         (syncnet_python's count). ValueError when N < 1."""
         if crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3):
             raise ValueError(f"SyncNet needs [T, 224, 224, 3] crops, got {crops.shape}")
-        n = min(len(crops), len(audio) // SAMPLES_PER_FRAME) - LIP_FRAMES
+        n = window_count(len(crops), len(audio))
         if n < 1:
             raise ValueError(f"SyncNet needs at least 6 frames (0.24 s) of video and audio, got "
                              f"{len(crops)} frames and {len(audio) / SAMPLE_RATE:.2f} s")
-        cep = mfcc(to_pcm16(audio)).T  # [13, steps]
-        steps = np.arange(n)[:, None] * MFCC_PER_FRAME + np.arange(MFCC_WINDOW)[None]
-        windows = cep[:, steps].transpose(1, 0, 2).astype(np.float32)  # [N, 13, 20]
+        return self.window_features(crops, mfcc_windows(audio, n))
+
+    def window_features(self, crops: np.ndarray, windows: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """crops: uint8 [N + 4, 224, 224, 3] RGB; windows: the audio inputs [N, 13, 20]
+        (`mfcc_windows`). Returns lip and audio features [N, D] (frames 0..N-1)."""
+        n = len(windows)
+        if len(crops) < n + LIP_FRAMES - 1:
+            raise ValueError(f"{n} audio windows need {n + LIP_FRAMES - 1} crops, got "
+                             f"{len(crops)}")
         c = self.chunk
         lip_out, audio_out = [], []
         for i in range(0, n, c):
