@@ -565,10 +565,11 @@ class SyncNetScorer:
                              f"{len(crops)} frames and {len(audio) / SAMPLE_RATE:.2f} s")
         return self.window_features(crops, mfcc_windows(audio, n))
 
-    def window_features(self, crops: np.ndarray, windows: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray]:
+    def window_features(self, crops: np.ndarray, windows: np.ndarray,
+                        lips: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """crops: uint8 [N + 4, 224, 224, 3] RGB; windows: the audio inputs [N, 13, 20]
-        (`mfcc_windows`). Returns lip and audio features [N, D] (frames 0..N-1)."""
+        (`mfcc_windows`). Returns lip and audio features [N, D] (frames 0..N-1); lips, if
+        given, are these crops' lip features already computed (only the audio is run)."""
         n = len(windows)
         if len(crops) < n + LIP_FRAMES - 1:
             raise ValueError(f"{n} audio windows need {n + LIP_FRAMES - 1} crops, got "
@@ -577,14 +578,15 @@ class SyncNetScorer:
         lip_out, audio_out = [], []
         for i in range(0, n, c):
             m = min(c, n - i)
-            frames = crops[i:i + m + LIP_FRAMES - 1]
-            frames = np.concatenate([frames, np.repeat(frames[-1:], c + LIP_FRAMES - 1 - len(frames),
-                                                       0)])
-            lip_out.append(np.asarray(self._lips(self.state, frames))[:m])
+            if lips is None:
+                frames = crops[i:i + m + LIP_FRAMES - 1]
+                frames = np.concatenate(
+                    [frames, np.repeat(frames[-1:], c + LIP_FRAMES - 1 - len(frames), 0)])
+                lip_out.append(np.asarray(self._lips(self.state, frames))[:m])
             w = np.concatenate([windows[i:i + m], np.zeros((c - m, NUM_CEPSTRA, MFCC_WINDOW),
                                                            np.float32)])
             audio_out.append(np.asarray(self._audio(self.state, w))[:m])
-        return np.concatenate(lip_out), np.concatenate(audio_out)
+        return (np.concatenate(lip_out) if lips is None else lips), np.concatenate(audio_out)
 
     def score(self, crops: np.ndarray, audio: np.ndarray,
               vshift: int = VSHIFT) -> dict[str, float]:

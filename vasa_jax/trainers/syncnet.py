@@ -177,12 +177,13 @@ def held_out_scores(scorer: syncnet.SyncNetScorer, path: str, split: str,
     for k, entry in enumerate(clips):
         crops, mfcc = _clip_arrays(path, split, entry)
         _, other = _clip_arrays(path, split, clips[(k + 1) % len(clips)])
-        for name, windows in (("matched", mfcc), ("other audio", other)):
-            n = min(len(mfcc), len(windows))
-            lips, audio = scorer.window_features(np.asarray(crops[:n + 4]),
-                                                 np.asarray(windows[:n]))
+        n = min(len(mfcc), len(other))
+        lips, audio = scorer.window_features(np.asarray(crops[:n + 4]), np.asarray(mfcc[:n]))
+        other_audio = scorer.window_features(np.asarray(crops[:n + 4]), np.asarray(other[:n]),
+                                             lips=lips)[1]
+        for name, features in (("matched", audio), ("other audio", other_audio)):
             rows[name].append(syncnet.sync_scores(np.asarray(
-                syncnet.offset_distances(lips, audio))))
+                syncnet.offset_distances(lips, features))))
     out: dict[str, float] = {"clips": len(clips)}
     for name, scores in rows.items():
         out[f"{name}/Sc"] = float(np.mean([s["Sc"] for s in scores]))
