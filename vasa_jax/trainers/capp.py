@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
@@ -73,10 +72,8 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str | None = None) ->
         pose, audio = capp.normalized_inputs(motion, batch["audio"], frozen, columns)
         pose, _ = capp.shifted_windows(pose, window, shifts)  # [B, W, P]: the centre window
         audio, shifted = capp.shifted_windows(audio, window, shifts)  # [B, W, Da], [B, S, W, Da]
-        graphdef, params, rest = nnx.split(ts.model, nnx.Param, ...)
 
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params, rest)
+        def loss_fn(model):
             r_pose, r_audio = jax.random.split(rng)
             pose_emb = model.encode_pose(pose, r_pose)
             if shifted is None:
@@ -89,11 +86,8 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str | None = None) ->
                 audio_emb, shifted_emb = emb[:, 0], emb[:, 1:]
             return capp.clip_loss(pose_emb, audio_emb, model.scale(), shifted_emb)
 
-        step = ts.opt.step[...]
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        ts.opt.update(ts.model, grads)
-        return {"loss/total": loss, **metrics, "logit_scale": ts.model.scale(),
-                "grad_norm": optax.global_norm(grads), "lr": lr_schedule(step)}
+        metrics = loop.optimizer_step(ts.model, ts.opt, loss_fn, lr_schedule)
+        return {**metrics, "logit_scale": ts.model.scale()}
 
     return loop.Stage(
         create_state=lambda: TrainState(config, len(columns), audio_dim),

@@ -28,11 +28,9 @@ import os
 from typing import Any
 
 import grain
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
@@ -118,17 +116,12 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
 
     def train_step(ts: TrainState, batch, rng, frozen):
         images = face_id.augment(batch["images"], rng, 0.0, blur)
-        graphdef, params, rest = nnx.split(ts.net, nnx.Param, ...)
 
-        def loss_fn(params):
-            pred = nnx.merge(graphdef, params, rest)(images)  # [3B, 4]
-            return jnp.mean(jnp.square(pred - batch["targets"]) * frozen["column_weights"])
+        def loss_fn(net):
+            pred = net(images)  # [3B, 4]
+            return jnp.mean(jnp.square(pred - batch["targets"]) * frozen["column_weights"]), {}
 
-        step = ts.opt.step[...]
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        ts.opt.update(ts.net, grads)
-        return {"loss/total": loss, "grad_norm": optax.global_norm(grads),
-                "lr": lr_schedule(step)}
+        return loop.optimizer_step(ts.net, ts.opt, loss_fn, lr_schedule)
 
     return loop.Stage(
         create_state=lambda: TrainState(config),

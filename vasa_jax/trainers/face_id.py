@@ -27,11 +27,9 @@ import os
 from typing import Any
 
 import grain
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
@@ -101,18 +99,13 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         del frozen
         images = face_id.augment(batch["images"], rng, aug.flip, aug.blur)
         labels = batch["identity"]
-        graphdef, params, rest = nnx.split(ts.model, nnx.Param, ...)
 
-        def loss_fn(params):
-            _, cos = nnx.merge(graphdef, params, rest)(images)  # [3B, classes]
+        def loss_fn(model):
+            _, cos = model(images)  # [3B, classes]
             loss = face_id.cosface_loss(cos, labels, cfg.scale, cfg.margin)
-            return loss, jnp.mean(jnp.argmax(cos, -1) == labels)
+            return loss, {"accuracy": jnp.mean(jnp.argmax(cos, -1) == labels)}
 
-        step = ts.opt.step[...]
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        ts.opt.update(ts.model, grads)
-        return {"loss/total": loss, "accuracy": accuracy,
-                "grad_norm": optax.global_norm(grads), "lr": lr_schedule(step)}
+        return loop.optimizer_step(ts.model, ts.opt, loss_fn, lr_schedule)
 
     return loop.Stage(
         create_state=lambda: TrainState(ran, num_classes),

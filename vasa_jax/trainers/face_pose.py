@@ -26,11 +26,9 @@ import os
 from typing import Any
 
 import grain
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
@@ -137,21 +135,15 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
 
     def train_step(ts: TrainState, batch, rng, frozen):
         del rng, frozen
-        graphdef, params, rest = nnx.split(ts.pose_net, nnx.Param, ...)
-
-        def loss_fn(params):
-            raw = nnx.merge(graphdef, params, rest)(batch["images"])  # [3B, 7 + 2R]
+        def loss_fn(pose_net):
+            raw = pose_net(batch["images"])  # [3B, 7 + 2R]
             z_pose, centres = bounds.split_pose_output(raw)
             terms = {"loss/pose": face_pose.pose_loss(z_pose, batch["pose"], batch["framing"])}
             if centres is not None:
                 terms["loss/landmarks"] = jnp.mean(jnp.abs(centres - batch["centres"]))
             return sum(terms.values()), terms
 
-        step = ts.opt.step[...]
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        ts.opt.update(ts.pose_net, grads)
-        return {"loss/total": loss, **terms, "grad_norm": optax.global_norm(grads),
-                "lr": lr_schedule(step)}
+        return loop.optimizer_step(ts.pose_net, ts.opt, loss_fn, lr_schedule)
 
     return loop.Stage(
         create_state=lambda: TrainState(config),

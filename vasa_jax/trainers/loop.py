@@ -147,6 +147,24 @@ class Stage:
     config: ml_collections.ConfigDict | None = None
 
 
+def optimizer_step(module: nnx.Module, opt: nnx.Optimizer,
+                   loss_fn: Callable[[nnx.Module], tuple[jax.Array, Mapping[str, jax.Array]]],
+                   lr_schedule: Callable[[jax.Array], jax.Array]) -> dict[str, jax.Array]:
+    """One optimizer step of a single-network stage, inside its train_step: the gradient of
+    loss_fn(module) -> (loss, metrics) with respect to the module's nnx.Params (its other
+    variables held fixed), opt.update in place. Returns {"loss/total", **metrics,
+    "grad_norm", "lr"} (the learning rate of the step just taken)."""
+    import optax
+
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    step = opt.step[...]
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: loss_fn(nnx.merge(graphdef, p, rest)), has_aux=True)(params)
+    opt.update(module, grads)
+    return {"loss/total": loss, **metrics, "grad_norm": optax.global_norm(grads),
+            "lr": lr_schedule(step)}
+
+
 class TrainResult(NamedTuple):
     """What `train` returns (on every process)."""
 

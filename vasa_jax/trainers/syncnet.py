@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
@@ -145,19 +144,13 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         lips = bgr(batch["lips"])
         mfcc = batch["mfcc"]
         b, k = mfcc.shape[:2]
-        graphdef, params, rest = nnx.split(ts.net, nnx.Param, ...)
 
-        def loss_fn(params):
-            net = nnx.merge(graphdef, params, rest)
+        def loss_fn(net):
             video = net.lip_features(lips)
             audio = net.audio_features(mfcc.reshape(b * k, *mfcc.shape[2:])).reshape(b, k, -1)
             return sync_loss(video, audio, temperature)
 
-        step = ts.opt.step[...]
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        ts.opt.update(ts.net, grads)
-        return {"loss/total": loss, **metrics, "grad_norm": optax.global_norm(grads),
-                "lr": lr_schedule(step)}
+        return loop.optimizer_step(ts.net, ts.opt, loss_fn, lr_schedule)
 
     return loop.Stage(
         create_state=lambda: TrainState(config),
