@@ -70,6 +70,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -154,8 +155,6 @@ def optimizer_step(module: nnx.Module, opt: nnx.Optimizer,
     loss_fn(module) -> (loss, metrics) with respect to the module's nnx.Params (its other
     variables held fixed), opt.update in place. Returns {"loss/total", **metrics,
     "grad_norm", "lr"} (the learning rate of the step just taken)."""
-    import optax
-
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     step = opt.step[...]
     (loss, metrics), grads = jax.value_and_grad(
