@@ -208,3 +208,92 @@ def test_sample_cli_bad_input(exported, tmp_path, capsys):
                         "--dtype", "bfloat16", "--out", out, "--no_progress"]) == 2
     assert "--dtype applies to a model export" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def _speech(path, seconds, hz=180.0):
+    from vasa_jax.video import write_wav
+
+    t = np.arange(int(seconds * 16000)) / 16000.0
+    write_wav(str(path), (0.3 * np.sin(2 * np.pi * hz * t) * (1 + np.sin(2 * np.pi * 3 * t)))
+              .astype(np.float32), 16000)
+
+
+def test_sample_batch_one_compilation_resumes_and_reports(exported, tmp_path, capsys,
+                                                         monkeypatch):
+    import csv
+
+    import sample
+    from vasa_jax import video
+
+    load, held = sample.load_pipeline, {}  # the same pipeline for both runs: count compiles
+    monkeypatch.setattr(sample, "load_pipeline", lambda a: held.setdefault("pipe", load(a)))
+    (tmp_path / "in").mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    import cv2
+
+    assert cv2.imwrite(str(tmp_path / "in" / "face.png"), image)
+    _speech(tmp_path / "in" / "short.wav", 1.3)
+    _speech(tmp_path / "in" / "long.wav", 2.9, hz=240.0)
+    out = tmp_path / "videos"
+    first = tmp_path / "in" / "first.csv"
+    first.write_text("image,audio,out\nface.png,short.wav,a.mp4\n")
+    argv = ["--model", exported, "--out_dir", str(out), "--no_progress", "--align", "none"]
+    assert sample.main(["--batch", str(first), *argv]) == 0, capsys.readouterr().err
+    pipe = held["pipe"]
+    compiled = inference._RENDER._cache_size(), pipe.motion._sample._cache_size()
+    jobs = tmp_path / "in" / "jobs.csv"  # a later, longer batch: a.mp4 is done already
+    jobs.write_text('image,audio,out,gaze,lip_only,seed,head\n'
+                    'face.png,short.wav,a.mp4,,,,\n'
+                    'face.png,long.wav,,"-10,5",false,3,still\n'
+                    'face.png,long.wav,c.mp4,,true,4,\n'
+                    'missing.png,short.wav,d.mp4,,,,\n')
+    before = os.path.getmtime(out / "a.mp4")
+    assert sample.main(["--batch", str(jobs), *argv]) == 1  # one job failed, the rest made
+    err = capsys.readouterr().err
+    assert "1 missing file(s): line 5 image" in err and "line 5: error:" in err
+    assert (inference._RENDER._cache_size(), pipe.motion._sample._cache_size()) == compiled
+    assert os.path.getmtime(out / "a.mp4") == before  # skipped, not redone
+    with open(out / "batch_report.csv") as f:
+        report = list(csv.DictReader(f))
+    assert [r["status"] for r in report] == ["skipped", "ok", "ok", "failed"]
+    assert [r["line"] for r in report] == ["2", "3", "4", "5"]
+    assert os.path.basename(report[1]["out"]) == "0001_face_long.mp4"
+    assert "no such image" in report[3]["message"] and not os.path.exists(out / "d.mp4")
+    for row, seconds in zip(report[1:3], (2.9, 2.9)):
+        frames, _ = video.read_video(row["out"])
+        assert abs(len(frames) - audio_lib.num_video_frames(int(seconds * 16000))) <= 1
+        assert int(row["frames"]) == len(frames)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("image,audio,mood\nf.png,s.wav,x\n", "unknown column"),
+    ("image,out\nf.png,a.mp4\n", "needs a header row with the column"),
+    ('image,audio,gaze\nf.png,s.wav,"0,0"\nf.png,s.wav,"15,x"\n', "line 3: argument --gaze"),
+    ("image,audio,emotion\nf.png,s.wav,glee\n", "line 2: emotion 'glee' is not one of"),
+    ("image,audio,lip_only\nf.png,s.wav,maybe\n", "lip_only must be true or false"),
+    ("image,audio,out\nf.png,s.wav,a.mp4\ng.png,s.wav,a.mp4\n", "lines 2 and 3 both write"),
+    ("image,audio,out\nf.png,s.wav,sub/a.mp4\n", "out must be a file name"),
+    ("image,audio\n", "has no jobs"),
+    ("image,audio\nf.png,s.wav,extra\n", "more cells than columns"),
+])
+def test_sample_batch_bad_files(exported, tmp_path, capsys, text, match):
+    import sample
+
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(text)
+    out = tmp_path / "videos"
+    assert sample.main(["--model", exported, "--batch", str(jobs), "--out_dir", str(out),
+                        "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1, err
+    assert not out.exists()  # checked before anything is made
+
+
+def test_sample_batch_needs_both_flags(tmp_path, capsys):
+    import sample
+
+    assert sample.main(["--out_dir", str(tmp_path / "v"), "--no_progress"]) == 2
+    assert "--batch and --out_dir go together" in capsys.readouterr().err
+    assert sample.main(["--batch", str(tmp_path / "none.csv"), "--out_dir", str(tmp_path / "v"),
+                        "--no_progress"]) == 2
+    assert "no such file" in capsys.readouterr().err
