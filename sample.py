@@ -44,30 +44,23 @@ import time
 from vasa_jax import cli
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEMO_MODEL = os.path.join(ROOT, "assets", "demo_model")
+DEMO_MODEL = os.path.join(ROOT, "assets", "demo_model")  # = inference.DEMO_MODEL
 DEMO_IMAGE = os.path.join(ROOT, "assets", "demo", "portrait.png")
 DEMO_AUDIO = os.path.join(ROOT, "assets", "demo", "speech.wav")
 DEMO_METER = os.path.join(DEMO_MODEL, "expression_meter")
 
 
-def _pair(text: str) -> tuple[float, float]:
-    try:
-        a, b = (float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected THETA,PHI degrees, got {text!r}") from None
-    return a, b
+def _argtype(name: str):
+    """An argparse type of vasa_jax.inference's parser `name` (imported when used: --help
+    stays fast)."""
+    def convert(text: str):
+        from vasa_jax import inference
 
-
-def _guidance(text: str) -> dict[str, float]:
-    out = {}
-    for item in filter(None, text.split(",")):
-        name, _, value = item.partition("=")
         try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected NAME=SCALE[,NAME=SCALE], got {text!r}") from None
-    return out
+            return getattr(inference, name)(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
 
 
 # The columns of a batch file: per-job values of these flags.
@@ -76,7 +69,6 @@ JOB_COLUMNS = ("image", "audio", "out", "align", "gaze", "distance", "emotion", 
                "allow_silence")
 _PATH_COLUMNS = ("image", "audio", "pose_video")
 _FLAG_COLUMNS = ("lip_only", "allow_silence")
-_TRUE, _FALSE = ("1", "true", "yes", "y"), ("0", "false", "no", "n")
 
 
 def build_parser(parser_class=cli.ArgumentParser) -> argparse.ArgumentParser:
@@ -100,11 +92,12 @@ def build_parser(parser_class=cli.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="the face model's compute dtype (exports only; default: as trained)")
     g = p.add_argument_group("controls (a negative value as --gaze=-10,5)")
-    g.add_argument("--gaze", type=_pair, default=None, help="THETA,PHI degrees")
+    g.add_argument("--gaze", type=_argtype("parse_gaze"), default=None,
+                   help="THETA,PHI degrees")
     g.add_argument("--distance", type=float, default=None, help="head distance")
     g.add_argument("--emotion", default=None, help="neutral, happy, sad, surprise, fear, "
                    "disgust, anger or contempt")
-    g.add_argument("--guidance", type=_guidance, default=None,
+    g.add_argument("--guidance", type=_argtype("parse_guidance"), default=None,
                    help="CFG scales, e.g. audio=0.5,gaze=1.0 (default: the model's)")
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     g.add_argument("--seed", type=int, default=0)
@@ -143,6 +136,8 @@ class _JobParser(cli.ArgumentParser):
 def read_jobs(path: str, argv: list[str]) -> list[tuple[int, argparse.Namespace]]:
     """A batch CSV -> [(its line number, the job's arguments)]: `argv` (the command line)
     with the row's cells as later flags. Raises ValueError naming the line of a bad row."""
+    from vasa_jax import inference
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--batch: no such file {path!r}")
     base = os.path.dirname(os.path.abspath(path))
@@ -174,10 +169,11 @@ def read_jobs(path: str, argv: list[str]) -> list[tuple[int, argparse.Namespace]
             if not value:
                 continue
             if column in _FLAG_COLUMNS:
-                if value.lower() not in _TRUE + _FALSE:
-                    raise ValueError(f"--batch {path!r} line {line}: {column} must be true or "
-                                     f"false, got {value!r}")
-                tokens.append(f"--{'' if value.lower() in _TRUE else 'no-'}{column}")
+                try:
+                    on = inference.parse_bool(value)
+                except ValueError as e:
+                    raise ValueError(f"--batch {path!r} line {line}: {column}: {e}") from None
+                tokens.append(f"--{'' if on else 'no-'}{column}")
                 continue
             if column in _PATH_COLUMNS:
                 value = os.path.join(base, os.path.expanduser(value))
@@ -276,14 +272,8 @@ def load_pipeline(args: argparse.Namespace):
     """The model of --model / --face_workdir + --motion_workdir (default: the demo model)."""
     from vasa_jax import inference
 
-    if args.face_workdir or args.motion_workdir:
-        if not (args.face_workdir and args.motion_workdir):
-            raise ValueError("--face_workdir and --motion_workdir go together")
-        if args.dtype:
-            raise ValueError("--dtype applies to a model export (--model); export the "
-                             "runs with `python -m vasa_jax.inference export`")
-        return inference.Pipeline.from_workdirs(args.face_workdir, args.motion_workdir)
-    return inference.Pipeline.load(args.model or DEMO_MODEL, dtype=args.dtype)
+    return inference.Pipeline.open(args.model, args.face_workdir, args.motion_workdir,
+                                   dtype=args.dtype)
 
 
 def render(pipe, args: argparse.Namespace, image, waveform, reader=None, *,

@@ -270,7 +270,7 @@ def test_sample_batch_one_compilation_resumes_and_reports(exported, tmp_path, ca
     ("image,out\nf.png,a.mp4\n", "needs a header row with the column"),
     ('image,audio,gaze\nf.png,s.wav,"0,0"\nf.png,s.wav,"15,x"\n', "line 3: argument --gaze"),
     ("image,audio,emotion\nf.png,s.wav,glee\n", "line 2: emotion 'glee' is not one of"),
-    ("image,audio,lip_only\nf.png,s.wav,maybe\n", "lip_only must be true or false"),
+    ("image,audio,lip_only\nf.png,s.wav,maybe\n", "lip_only: expected true or false"),
     ("image,audio,out\nf.png,s.wav,a.mp4\ng.png,s.wav,a.mp4\n", "lines 2 and 3 both write"),
     ("image,audio,out\nf.png,s.wav,sub/a.mp4\n", "out must be a file name"),
     ("image,audio\n", "has no jobs"),
@@ -297,3 +297,132 @@ def test_sample_batch_needs_both_flags(tmp_path, capsys):
     assert sample.main(["--batch", str(tmp_path / "none.csv"), "--out_dir", str(tmp_path / "v"),
                         "--no_progress"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def _multipart(fields: dict) -> tuple[bytes, str]:
+    """{name: str | (file name, bytes)} -> (body, Content-Type) of multipart/form-data."""
+    boundary = "vasa-test-boundary-7d3f"
+    out = []
+    for name, value in fields.items():
+        if isinstance(value, tuple):
+            head = f'form-data; name="{name}"; filename="{value[0]}"'
+            data = value[1]
+        else:
+            head, data = f'form-data; name="{name}"', value.encode()
+        out.append(f"--{boundary}\r\nContent-Disposition: {head}\r\n\r\n".encode() + data
+                   + b"\r\n")
+    return b"".join(out) + f"--{boundary}--\r\n".encode(), \
+        f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    import threading
+
+    from vasa_jax import serve
+
+    srv = serve.make_server(pipe, "127.0.0.1", 0, max_mb=0.25, name="tiny")
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def _request(url, body=None, content_type=None):
+    """-> (status, headers, body bytes) of a GET (body None) or POST."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method="GET" if body is None else "POST")
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_serve_generates_a_video_and_answers_bad_input(server, tmp_path):
+    import json
+
+    import cv2
+
+    from vasa_jax import video
+
+    status, _, body = _request(server + "/health")
+    assert status == 200 and json.loads(body)["image_size"] == 64
+    image = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", image)[1].tobytes()
+    _speech(tmp_path / "s.wav", 1.5)
+    wav = (tmp_path / "s.wav").read_bytes()
+    form, kind = _multipart({"image": ("f.png", png), "audio": ("s.wav", wav),
+                             "gaze": "-10,5", "seed": "2", "align": "none"})
+    status, headers, body = _request(server + "/generate", form, kind)
+    assert status == 200, body[:300]
+    assert headers["Content-Type"] == "video/mp4"
+    (tmp_path / "out.mp4").write_bytes(body)
+    frames, fps = video.read_video(str(tmp_path / "out.mp4"))
+    assert fps == pytest.approx(25.0) and frames.shape[1:] == (64, 64, 3)
+    assert len(frames) == int(headers["X-Frames"])
+    assert abs(len(frames) - audio_lib.num_video_frames(int(1.5 * 16000))) <= 1
+    track = audio_lib.load_audio(str(tmp_path / "out.mp4"))
+    assert abs(len(track) - 1.5 * 16000) < 0.05 * 16000
+
+    def error(fields, status_wanted=400, *, raw=None, content_type=None):
+        body_, kind_ = (raw, content_type) if raw is not None else _multipart(fields)
+        status_, _, answer = _request(server + "/generate", body_, kind_)
+        assert status_ == status_wanted, answer
+        return json.loads(answer)["error"]
+
+    assert "not an image" in error({"image": ("f.png", wav), "audio": ("s.wav", wav)})
+    assert "field audio" in error({"image": ("f.png", png), "audio": ("s.wav", png)})
+    assert "missing form field(s) audio" in error({"image": ("f.png", png)})
+    assert "unknown control 'mood'" in error({"image": ("f.png", png), "audio": ("s.wav", wav),
+                                              "mood": "x"})
+    assert "control gaze" in error({"image": ("f.png", png), "audio": ("s.wav", wav),
+                                    "gaze": "up"})
+    assert "align must be one of" in error({"image": ("f.png", png), "audio": ("s.wav", wav),
+                                            "align": "left"})
+    silent = tmp_path / "silent.wav"
+    from vasa_jax.video import write_wav
+
+    write_wav(str(silent), np.zeros(16000, np.float32), 16000)
+    assert "silent" in error({"image": ("f.png", png), "audio": ("s.wav", silent.read_bytes())})
+    assert "multipart/form-data" in error(None, raw=b"a=b",
+                                          content_type="application/x-www-form-urlencoded")
+    big = _multipart({"image": ("f.png", b"0" * 300_000), "audio": ("s.wav", wav)})
+    assert "over the server's --max_mb" in error(None, 413, raw=big[0], content_type=big[1])
+    status, _, body = _request(server + "/nowhere")
+    assert status == 404 and "no such path" in json.loads(body)["error"]
+
+
+def test_controls_from_text():
+    c = inference.Controls.from_text({"gaze": "15,-5", "distance": "1.2", "emotion": "happy",
+                                      "guidance": "audio=0.5,gaze=1", "steps": "4", "seed": "7",
+                                      "head": "still", "head_amplitude": "0.5",
+                                      "lip_only": "yes"})
+    assert c.gaze == pytest.approx((15.0, -5.0)) and c.distance == pytest.approx(1.2)
+    assert c.guidance == {"audio": pytest.approx(0.5), "gaze": pytest.approx(1.0)}
+    assert (c.emotion, c.steps, c.seed, c.head, c.lip_only) == ("happy", 4, 7, "still", True)
+    assert inference.Controls.from_text({"gaze": ""}) == inference.Controls()
+    with pytest.raises(ValueError, match="control steps"):
+        inference.Controls.from_text({"steps": "many"})
+    with pytest.raises(ValueError, match="emotion 'glee'"):
+        inference.Controls.from_text({"emotion": "glee"})
+
+
+def test_serve_cli_bad_input(tmp_path, capsys):
+    from vasa_jax import serve
+
+    assert serve.main(["--model", str(tmp_path), "--port", "0", "--no_warmup"]) == 2
+    assert "not a model export" in capsys.readouterr().err
+    assert serve.main(["--face_workdir", str(tmp_path), "--port", "0"]) == 2
+    assert "go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve.main(["--port", "http"])
+    assert "invalid int value" in capsys.readouterr().err

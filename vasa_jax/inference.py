@@ -68,6 +68,9 @@ FACE_PARAMS = "face_params"
 MOTION_PARAMS = "motion_params"
 SAMPLE_RATE = schema.SAMPLE_RATE
 HEAD_MODES = ("generated", "still")
+# The built-in demo model (both stages of scripts/recipe_cpu.sh, SynthTalk faces at 64 px).
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "assets", "demo_model")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -229,6 +232,36 @@ def emotion_vector(emotion: str | Sequence[float] | None) -> np.ndarray | None:
     return x
 
 
+def parse_gaze(text: str) -> tuple[float, float]:
+    """"THETA,PHI" (degrees) -> (theta, phi); ValueError otherwise."""
+    try:
+        theta, phi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected THETA,PHI degrees, got {text!r}") from None
+    return theta, phi
+
+
+def parse_guidance(text: str) -> dict[str, float]:
+    """"audio=0.5,gaze=1.0" -> {"audio": 0.5, "gaze": 1.0}; ValueError otherwise."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"expected NAME=SCALE[,NAME=SCALE], got {text!r}") from None
+    return out
+
+
+def parse_bool(text: str) -> bool:
+    """"true" / "yes" / "1" / "on" -> True, "false" / "no" / "0" / "off" -> False."""
+    if text.strip().lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Controls:
     """What to generate besides the audio.
@@ -261,6 +294,25 @@ class Controls:
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         emotion_vector(self.emotion)  # a bad name fails here
+
+    @classmethod
+    def from_text(cls, fields: Mapping[str, str]) -> "Controls":
+        """Controls from text values, as forms and CSV cells give them: {"gaze": "15,0",
+        "emotion": "happy", "seed": "3", "lip_only": "true", "guidance": "audio=0.5", ...};
+        empty values are left at the defaults. ValueError names a bad or unknown field."""
+        parsers = {"gaze": parse_gaze, "distance": float, "emotion": str,
+                   "guidance": parse_guidance, "steps": int, "seed": int, "head": str,
+                   "head_amplitude": float, "lip_only": parse_bool}
+        values = {}
+        for name, text in fields.items():
+            if name not in parsers:
+                raise ValueError(f"unknown control {name!r} (known: {', '.join(parsers)})")
+            if str(text).strip():
+                try:
+                    values[name] = parsers[name](str(text).strip())
+                except ValueError as e:
+                    raise ValueError(f"control {name}: {e}") from None
+        return cls(**values)
 
 
 @dataclasses.dataclass
@@ -486,6 +538,23 @@ class Pipeline:
         info = {"face": {"workdir": os.path.abspath(face_workdir), "step": face.step},
                 "motion": {"workdir": os.path.abspath(motion_workdir), "step": motion.step}}
         return cls(face.model, face.config, motion, _audio_settings(motion.config), info)
+
+    @classmethod
+    def open(cls, model: str = "", face_workdir: str = "", motion_workdir: str = "", *,
+             dtype: str | None = None) -> "Pipeline":
+        """What the commands load: two training runs (`face_workdir` + `motion_workdir`), else
+        the export `model`, else the built-in demo model (DEMO_MODEL). ValueError for a bad
+        combination."""
+        if face_workdir or motion_workdir:
+            if not (face_workdir and motion_workdir):
+                raise ValueError("--face_workdir and --motion_workdir go together")
+            if model:
+                raise ValueError("--model and --face_workdir/--motion_workdir exclude each other")
+            if dtype:
+                raise ValueError("--dtype applies to a model export (--model); export the "
+                                 "runs with `python -m vasa_jax.inference export`")
+            return cls.from_workdirs(face_workdir, motion_workdir)
+        return cls.load(model or DEMO_MODEL, dtype=dtype)
 
     def export(self, out: str) -> None:
         """Writes this pipeline as an export folder `out` (never overwrites one)."""
