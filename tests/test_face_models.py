@@ -511,6 +511,19 @@ def test_depth_stacked_conv3d_equals_native_with_gradients(stride, padding, kern
         layers.conv3d(x, k, (2, 1, 1), "SAME", impl="depth_stacked")
 
 
+def test_conv3d_auto_picks_for_the_target_platform():
+    x, k = jnp.zeros((1, 4, 6, 6, 2)), jnp.zeros((3, 3, 3, 2, 3))
+
+    def conv_ranks():  # ranks of the convolutions' inputs in the traced program
+        jaxpr = jax.make_jaxpr(lambda x, k: layers.conv3d(x, k))(x, k)
+        return [e.invars[0].aval.ndim for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+
+    assert conv_ranks() == [4]  # on this CPU: the depth-stacked 2-D convolution
+    with layers.target_platform("tpu"):  # as bench/aot.py traces TPU steps on a CPU host
+        assert conv_ranks() == [5]  # one native 3-D convolution
+    assert conv_ranks() == [4]  # restored on exit
+
+
 def test_weight_standardisation_and_group_norm():
     k = jax.random.normal(jax.random.key(0), (3, 3, 8, 4)) * 3 + 1
     s = np.asarray(layers.standardize_kernel(k)).reshape(-1, 4)

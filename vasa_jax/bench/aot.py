@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import configs
     import train as train_cli
+    from vasa_jax.models import layers
     from vasa_jax.parallel import sharding
     from vasa_jax.parallel.mesh import create_mesh
     from vasa_jax.trainers import loop
@@ -133,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     step_index = jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
     step_fn = loop.jit_step(graphdef, stage, config.seed, shardings, batch_sharding, replicated)
     start = time.perf_counter()
-    with sharding.mesh_rules(mesh, rules):
+    # Traced as on TPU: layers that pick an implementation per platform pick TPU's.
+    with sharding.mesh_rules(mesh, rules), layers.target_platform("tpu"):
         lowered = step_fn.lower(abstract, batch, step_index, frozen)
     compiled = lowered.compile()
     seconds = time.perf_counter() - start

@@ -20,8 +20,9 @@ MegaPortraits conventions kept here:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +142,23 @@ def standardize_kernel(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
     return centered * jax.lax.rsqrt((var + eps) * fan_in)
 
 
+# conv3d's "auto" on the platform a program is traced for: None = jax.default_backend()'s.
+_TARGET_PLATFORM: str | None = None
+
+
+@contextlib.contextmanager
+def target_platform(platform: str) -> Iterator[None]:
+    """Within it, platform-dependent layers (conv3d's impl="auto") choose for `platform`
+    ("cpu", "gpu", "tpu") instead of jax.default_backend(): for programs traced on one
+    platform and compiled for another (bench/aot.py lowers TPU steps on a CPU host)."""
+    global _TARGET_PLATFORM
+    previous, _TARGET_PLATFORM = _TARGET_PLATFORM, platform
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM = previous
+
+
 def conv3d(
     x: jax.Array,
     kernel: jax.Array,
@@ -157,13 +175,15 @@ def conv3d(
     along channels ([B * D', H, W, kd * C]) and convolved with the kernel reshaped to
     [kh, kw, kd * C, O]. XLA:CPU runs that 4-5x faster than its native 3-D convolution
     (`python -m benchmarks.bench_conv3d`), at kd x the input memory, so "auto" picks it
-    on CPU (depth stride 1 only) and the native op on GPU / TPU.
+    on CPU (depth stride 1 only) and the native op on GPU / TPU (the platform of
+    jax.default_backend(), or of an enclosing `target_platform`).
     """
     if impl not in ("auto", "native", "depth_stacked"):
         raise ValueError(f"conv3d impl must be auto, native or depth_stacked, got {impl!r}")
     stride = tuple(stride)
     if impl == "auto":
-        impl = "depth_stacked" if jax.default_backend() == "cpu" and stride[0] == 1 else "native"
+        platform = _TARGET_PLATFORM or jax.default_backend()
+        impl = "depth_stacked" if platform == "cpu" and stride[0] == 1 else "native"
     if impl == "native":
         return jax.lax.conv_general_dilated(
             x, kernel, window_strides=stride, padding=padding,
