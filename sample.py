@@ -346,6 +346,12 @@ def _meter(args: argparse.Namespace):
     return MouthReader(meter) if meter else None
 
 
+def _error(e: BaseException) -> int:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"sample.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -365,8 +371,7 @@ def main(argv=None) -> int:
               f"{pipe.image_size} px", file=sys.stderr)
         result = render(pipe, args, image, waveform, reader, progress=not args.no_progress)
     except (OSError, ValueError, audio_lib.AudioError) as e:
-        print(f"sample.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return _error(e)
     count, elapsed = result["frames"], result["seconds"]
     print(f"portrait (--align {args.align}): {result['portrait']}", file=sys.stderr)
     print(f"{args.mode}: {count} frames in {elapsed:.1f} s ({count / elapsed:.1f} fps with "
@@ -412,13 +417,12 @@ def run_batch(args: argparse.Namespace, argv: list[str]) -> int:
         if absent:  # reported now; those jobs fail at their turn, the rest are made
             print(f"sample.py: warning: {len(absent)} missing file(s): " + "; ".join(absent[:5])
                   + (" ..." if len(absent) > 5 else ""), file=sys.stderr)
-        os.makedirs(args.out_dir, exist_ok=True)
         reader = _meter(args)
         t0 = time.perf_counter()
         pipe = load_pipeline(args)
+        os.makedirs(args.out_dir, exist_ok=True)  # once the model loaded: nothing half-made
     except failures as e:
-        print(f"sample.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return _error(e)
     todo = sum(args.overwrite or not os.path.exists(job.out) for _, job in jobs)
     print(f"model loaded in {time.perf_counter() - t0:.1f} s; {len(jobs)} jobs, {todo} to "
           f"render, {len(jobs) - todo} done before -> {args.out_dir}", file=sys.stderr)

@@ -44,7 +44,6 @@ import numpy as np
 from vasa_jax import audio as audio_lib
 from vasa_jax import cli, inference, video
 
-FORM_TEXT_FIELDS = ("align", "allow_silence")
 ALIGN_MODES = ("auto", "face", "none")
 
 
@@ -108,7 +107,7 @@ class Generator:
         if missing:
             raise BadRequest(f"missing form field(s) {', '.join(missing)} (curl -F "
                              "image=@face.png -F audio=@speech.wav)")
-        text = {k: v.decode("utf-8", "replace").strip() for k, (filename, v) in fields.items()
+        text = {k: v.decode("utf-8", "replace").strip() for k, (_, v) in fields.items()
                 if k not in ("image", "audio")}
         align = text.pop("align", "") or "auto"
         if align not in ALIGN_MODES:
